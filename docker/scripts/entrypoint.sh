@@ -1,0 +1,228 @@
+#!/bin/bash
+# Entrypoint of the watcher image; tini is PID 1 and runs this.
+#
+#   run (default)            first start (directories, definitions), then clamd + `watcher run`,
+#                            supervised: if either exits, the other is stopped and the container exits
+#                            with its status, so the restart policy restarts both together.
+#   scan|healthcheck|update-definitions|--version|...   `watcher ARGS` as the watcher user
+#   anything else            executed as given (e.g. `bash`)
+#
+# Started as root (e.g. `user: "0"` for bind mounts owned by someone else), it fixes the ownership
+# of the data directories and then drops to the `watcher` user; started as `watcher` (the image's
+# default USER), it checks that the directories are writable and says which one is not.
+#
+# Container-only knobs (no WATCHER_ prefix: those belong to the daemon's settings):
+#   START_CLAMD=auto|true|false   auto: start the local clamd unless scanning is disabled or
+#                                 CLAMAV_HOST names another host and no CLAMAV_SOCKET is set
+#   FRESHCLAM_ON_START=true       download definitions at start when no official ones are present
+#   FRESHCLAM_RETRIES=3, FRESHCLAM_RETRY_DELAY=30 (seconds, doubled after each failure),
+#   FRESHCLAM_TIMEOUT=900         per attempt
+#   CLAMD_START_TIMEOUT=300       seconds to wait for clamd to answer PING (official databases
+#                                 take ~30-60 s to load on 2 cores)
+set -euo pipefail
+
+# shellcheck source=docker/scripts/lib.sh
+. /usr/local/lib/watcher-image/lib.sh
+
+readonly RUN_AS=watcher
+readonly CLAMD_CONF=/etc/clamav/clamd.conf
+readonly FRESHCLAM_CONF=/etc/clamav/freshclam.conf
+readonly CLAMAV_DB=/var/lib/clamav
+readonly CLAMD_RUN=/run/clamav
+readonly LOG_DIR=/var/log/watcher
+uploads=${WATCHER_UPLOADS_DIR:-/data/uploads}
+processed=${WATCHER_PROCESSED_DIR:-/data/processed}
+quarantine=${WATCHER_QUARANTINE_DIR:-/data/quarantine}
+state=${WATCHER_STATE_DIR:-/var/lib/watcher}
+
+drop_privileges() {
+    exec setpriv --reuid="$RUN_AS" --regid="$RUN_AS" --init-groups --inh-caps=-all \
+        env HOME="$(getent passwd "$RUN_AS" | cut -d: -f6)" "$@"
+}
+
+local_clamd_wanted() {
+    truthy "${VIRUS_SCANNING_ENABLED:-true}" || return 1
+    case "${START_CLAMD:-auto}" in
+        true | yes | 1) return 0 ;;
+        false | no | 0) return 1 ;;
+    esac
+    [[ -n "${CLAMAV_SOCKET:-}" ]] && return 0
+    case "${CLAMAV_HOST:-127.0.0.1}" in
+        127.0.0.1 | localhost | ::1) return 0 ;;
+    esac
+    return 1
+}
+
+# As root: create the directories and give them to the watcher user (only what is not already
+# its own, so a large uploads volume costs one pass of stat calls, not a rewrite).
+fix_ownership() {
+    local dir
+    for dir in "$uploads" "$processed" "$quarantine" "$state" "$CLAMAV_DB" "$CLAMD_RUN" "$LOG_DIR"; do
+        mkdir -p -- "$dir"
+        find "$dir" -xdev \( ! -user "$RUN_AS" -o ! -group "$RUN_AS" \) \
+            -exec chown -h "$RUN_AS:$RUN_AS" {} + 2>/dev/null || true
+    done
+    chmod 0700 "$quarantine"
+    log INFO container.ownership "data directories owned by $RUN_AS"
+}
+
+# As the watcher user: every directory must exist and be writable; name the first that is not.
+check_directories() {
+    local dir
+    for dir in "$uploads" "$processed" "$quarantine" "$state" "$CLAMAV_DB" "$CLAMD_RUN" "$LOG_DIR"; do
+        mkdir -p -- "$dir" 2>/dev/null || true
+        if [[ ! -d "$dir" || ! -w "$dir" || ! -x "$dir" ]]; then
+            log ERROR container.directory_not_writable \
+                "$dir is not writable by uid $(id -u): chown it to $(id -u):$(id -g) or start the container once as root (user: \"0\") so the entrypoint fixes ownership"
+            exit 78
+        fi
+    done
+}
+
+have_official_definitions() {
+    compgen -G "$CLAMAV_DB/main.c[vl]d" >/dev/null && compgen -G "$CLAMAV_DB/daily.c[vl]d" >/dev/null
+}
+
+testsigs_dir() {
+    python3 -c 'import importlib.resources as r; print(r.files("watcher") / "testsigs")' 2>/dev/null
+}
+
+# First start: official definitions with retries; without them, the bundled test signatures, loudly.
+prepare_definitions() {
+    local attempt=0 delay=${FRESHCLAM_RETRY_DELAY:-30} retries=${FRESHCLAM_RETRIES:-3}
+    if ! have_official_definitions && truthy "${FRESHCLAM_ON_START:-true}"; then
+        while ((attempt < retries)); do
+            attempt=$((attempt + 1))
+            log INFO definitions.download "no official definitions yet: freshclam attempt $attempt of $retries"
+            if timeout "${FRESHCLAM_TIMEOUT:-900}" freshclam --config-file="$FRESHCLAM_CONF" --stdout; then
+                break
+            else
+                log WARNING definitions.download_failed "freshclam attempt $attempt of $retries failed (exit $?)"
+            fi
+            if ((attempt < retries)); then
+                sleep "$delay"
+                delay=$((delay * 2))
+            fi
+        done
+    fi
+
+    local sigs
+    if have_official_definitions; then
+        # Official definitions detect the test files too; the test-only set is no longer needed.
+        rm -f "$CLAMAV_DB"/watcher-test.*
+        log INFO definitions.ready "official ClamAV definitions present in $CLAMAV_DB"
+        return 0
+    fi
+    sigs=$(testsigs_dir) || true
+    if [[ -z "$sigs" ]] || ! compgen -G "$sigs/watcher-test.*" >/dev/null; then
+        log CRITICAL definitions.missing "no official definitions and no bundled test signatures: clamd cannot start"
+        exit 1
+    fi
+    cp -f "$sigs"/watcher-test.* "$CLAMAV_DB"/
+    local i
+    for i in 1 2 3; do
+        log ERROR definitions.test_only \
+            "NO OFFICIAL CLAMAV DEFINITIONS ($i/3): clamd runs with the bundled TEST signatures only (EICAR and clam.exe). Real malware is NOT detected until freshclam succeeds (the update job retries; check network access to the ClamAV mirrors)."
+    done
+}
+
+start_clamd() {
+    local waited=0 timeout=${CLAMD_START_TIMEOUT:-300}
+    rm -f "$CLAMD_RUN/clamd.sock"
+    log INFO clamd.starting "starting clamd"
+    clamd --config-file="$CLAMD_CONF" &
+    clamd_pid=$!
+    until CLAMAV_SOCKET=$CLAMD_RUN/clamd.sock clamd_ping; do
+        if ! kill -0 "$clamd_pid" 2>/dev/null; then
+            wait "$clamd_pid" && rc=0 || rc=$?
+            log CRITICAL clamd.exited "clamd exited during start-up (exit $rc)"
+            exit 1
+        fi
+        if ((waited >= timeout)); then
+            log CRITICAL clamd.start_timeout "clamd did not answer PING within ${timeout}s"
+            kill -TERM "$clamd_pid" 2>/dev/null || true
+            exit 1
+        fi
+        sleep 1
+        waited=$((waited + 1))
+    done
+    log INFO clamd.ready "clamd answers PING after ${waited}s (unix socket and TCP 3310)"
+}
+
+stop_child() { # pid name grace
+    local pid=$1 name=$2 grace=$3 n=0
+    [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null || return 0
+    kill -TERM "$pid" 2>/dev/null || true
+    while kill -0 "$pid" 2>/dev/null; do
+        if ((n >= grace * 10)); then
+            log WARNING container.kill "$name did not stop within ${grace}s: SIGKILL"
+            kill -KILL "$pid" 2>/dev/null || true
+            break
+        fi
+        sleep 0.1
+        n=$((n + 1))
+    done
+    wait "$pid" 2>/dev/null || true
+}
+
+shutdown() {
+    local rc=$1
+    trap - TERM INT QUIT HUP
+    # The watcher first (it drains in-flight scans, which need clamd), then clamd.
+    stop_child "${watcher_pid:-}" watcher "$(( ${WATCHER_SHUTDOWN_GRACE_S:-30} + 5 ))"
+    stop_child "${clamd_pid:-}" clamd 10
+    log INFO container.stopped "stopped (exit $rc)"
+    exit "$rc"
+}
+
+main_run() {
+    if [[ $(id -u) == 0 ]]; then
+        fix_ownership
+        drop_privileges "$0" "$@"
+    fi
+    check_directories
+    log INFO container.starting "watcher image starting as uid $(id -u)"
+
+    clamd_pid=""
+    watcher_pid=""
+    trap 'log INFO container.signal "stop requested"; shutdown 0' TERM INT QUIT HUP
+    if local_clamd_wanted; then
+        export CLAMAV_SOCKET=${CLAMAV_SOCKET:-$CLAMD_RUN/clamd.sock}
+        prepare_definitions
+        start_clamd
+    else
+        log INFO clamd.external "not starting a local clamd (scanning disabled or clamd at ${CLAMAV_HOST:-?}:${CLAMAV_PORT:-3310})"
+    fi
+
+    watcher run &
+    watcher_pid=$!
+
+    local rc=0 pids=("$watcher_pid")
+    [[ -n "$clamd_pid" ]] && pids+=("$clamd_pid")
+    wait -n "${pids[@]}" || rc=$?
+    if ! kill -0 "$watcher_pid" 2>/dev/null; then
+        log ERROR container.child_exited "watcher exited (exit $rc): stopping the container"
+        watcher_pid=""
+    else
+        log ERROR container.child_exited "clamd exited (exit $rc): stopping the container"
+        clamd_pid=""
+        ((rc != 0)) || rc=1
+    fi
+    shutdown "$rc"
+}
+
+case "${1:-run}" in
+    run)
+        shift || true
+        main_run "$@"
+        ;;
+    scan | healthcheck | update-definitions | --version | --help | -h)
+        if [[ $(id -u) == 0 ]]; then
+            drop_privileges watcher "$@"
+        fi
+        exec watcher "$@"
+        ;;
+    *)
+        exec "$@"
+        ;;
+esac

@@ -1,0 +1,195 @@
+#!/bin/bash
+# Runs INSIDE the image as root (copied in and started by tests/image/smoke.sh):
+#   - the entrypoint as in production (tini, root start -> ownership fix -> drop to `watcher`),
+#     with freshclam failing (no internet) and falling back to the bundled test signatures;
+#   - an EICAR file, a zip holding EICAR and two clean files dropped into uploads the way an app
+#     does it (as uid 1000, one written in place, others written to an ignored temp name and renamed);
+#   - checks: EICAR and the zip end in quarantine and nowhere else, the clean files in processed
+#     byte for byte, `watcher healthcheck` passes, clamd answers over TCP, clamd and the watcher run
+#     as `watcher`, no compiler in the image, and SIGTERM stops everything with exit 0.
+set -uo pipefail
+
+export FRESHCLAM_RETRIES=${FRESHCLAM_RETRIES:-2} FRESHCLAM_RETRY_DELAY=1 FRESHCLAM_TIMEOUT=60
+READY_TIMEOUT=${READY_TIMEOUT:-180}
+OUTCOME_TIMEOUT=${OUTCOME_TIMEOUT:-90}
+EICAR='X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*'
+work=/tmp/smoke
+log=$work/container.log
+uploads=${WATCHER_UPLOADS_DIR:-/data/uploads}
+processed=${WATCHER_PROCESSED_DIR:-/data/processed}
+quarantine=${WATCHER_QUARANTINE_DIR:-/data/quarantine}
+t0=$(date +%s)
+pass=0
+
+mkdir -p "$work"
+say() { echo "scenario [$(($(date +%s) - t0))s]: $*"; }
+ok() {
+    pass=$((pass + 1))
+    say "ok - $*"
+}
+fail() {
+    say "FAIL - $*"
+    echo "----- container output (last 80 lines) -----"
+    tail -n 80 "$log" 2>/dev/null
+    echo "----- uploads / processed / quarantine -----"
+    find "$uploads" "$processed" "$quarantine" -ls 2>/dev/null | head -50
+    [[ -n "${pid:-}" ]] && kill -TERM "$pid" 2>/dev/null
+    sleep 2
+    exit 1
+}
+# Runs a command as the app would: uid/gid 1000, like the example app's `node` user.
+as_app() { setpriv --reuid=1000 --regid=1000 --clear-groups "$@"; }
+
+# Processes started by this scenario (descendants of $1) as "pid uid name args".
+descendants() {
+    python3 - "$1" <<'PY'
+import os, sys
+root = int(sys.argv[1])
+procs = {}
+for p in os.listdir("/proc"):
+    if not p.isdigit():
+        continue
+    try:
+        status = open(f"/proc/{p}/status").read()
+        cmd = open(f"/proc/{p}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        continue
+    fields = dict(l.split(":", 1) for l in status.splitlines() if ":" in l)
+    procs[int(p)] = (int(fields["PPid"]), fields["Uid"].split()[0], cmd.strip())
+seen, todo = set(), [root]
+while todo:
+    cur = todo.pop()
+    for pid, (ppid, uid, cmd) in procs.items():
+        if ppid == cur and pid not in seen:
+            seen.add(pid)
+            todo.append(pid)
+            print(pid, uid, cmd)
+PY
+}
+
+wait_for_log() { # pattern timeout
+    local waited=0
+    until grep -q -- "$1" "$log" 2>/dev/null; do
+        kill -0 "$pid" 2>/dev/null || fail "container exited while waiting for $1"
+        ((waited >= $2)) && fail "no $1 within $2s"
+        sleep 1
+        waited=$((waited + 1))
+    done
+}
+
+# --- static checks -----------------------------------------------------------------------------------
+for cc in gcc cc c++ clang make; do
+    command -v "$cc" >/dev/null && fail "compiler/build tool in the final image: $cc"
+done
+ok "no compiler in the final image"
+version=$(watcher --version 2>&1) || fail "watcher --version: $version"
+ok "watcher --version: $version"
+
+# --- start as in production ----------------------------------------------------------------------
+# tini -s: a subreaper, since tini is not PID 1 inside `buildah run`.
+/usr/bin/tini -s -- /usr/local/bin/docker-entrypoint run >"$log" 2>&1 &
+pid=$!
+wait_for_log '"event": *"watcher.ready"' "$READY_TIMEOUT"
+ok "watcher.ready after $(($(date +%s) - t0))s"
+
+grep -q '"event": *"definitions.test_only"' "$log" || fail "no loud definitions.test_only line"
+grep -c 'definitions.download_failed' "$log" | grep -qx "$FRESHCLAM_RETRIES" ||
+    fail "expected $FRESHCLAM_RETRIES failed freshclam attempts"
+ok "freshclam failed $FRESHCLAM_RETRIES times (no internet) and the test signatures were installed, loudly"
+ls /var/lib/clamav/watcher-test.* >/dev/null 2>&1 || fail "test signatures not in /var/lib/clamav"
+
+procs=$(descendants "$pid")
+clamd_uid=$(awk '$3 ~ /(^|\/)clamd$/ {print $2}' <<<"$procs" | head -1)
+watcher_uid=$(awk '$0 ~ / run$/ && $0 ~ /watcher/ && $0 !~ /docker-entrypoint/ {print $2}' <<<"$procs" | head -1)
+[[ "$clamd_uid" == 1000 ]] || fail "clamd uid is '${clamd_uid}', expected 1000 (watcher). Processes: $procs"
+[[ "$watcher_uid" == 1000 ]] || fail "watcher uid is '${watcher_uid}', expected 1000. Processes: $procs"
+ok "clamd and 'watcher run' run as uid 1000 (watcher), started as root"
+[[ $(stat -c %U "$quarantine") == watcher && $(stat -c %a "$quarantine") == 700 ]] ||
+    fail "quarantine is not watcher-owned 0700"
+ok "quarantine directory watcher-owned, mode 0700"
+
+CLAMAV_SOCKET='' CLAMAV_HOST=127.0.0.1 CLAMAV_PORT=3310 bash -c '. /usr/local/lib/watcher-image/lib.sh; clamd_ping' ||
+    fail "clamd does not answer PING on TCP 3310"
+ok "clamd answers PING on TCP 3310 (for the app container)"
+
+hc=$(/usr/local/bin/watcher-healthcheck 2>&1) || fail "healthcheck failed: $hc"
+ok "watcher-healthcheck exits 0 ($hc)"
+
+# --- drop files the way an app does ---------------------------------------------------------------
+printf '%s' "$EICAR" >"$work/eicar.com"
+python3 - "$work/eicar.com" "$work/eicar.zip" <<'PY'
+import sys, zipfile
+with zipfile.ZipFile(sys.argv[2], "w", zipfile.ZIP_DEFLATED) as z:
+    z.write(sys.argv[1], "docs/readme.com")
+PY
+head -c 300000 /dev/urandom >"$work/clean.bin"
+printf 'just a plain text upload\n' >"$work/clean.txt"
+chmod 0644 "$work"/*
+# temp name (ignored by the watcher) then rename, as an app should
+for f in eicar.com eicar.zip clean.bin; do
+    as_app cp "$work/$f" "$uploads/.$f.part" || fail "cannot write into uploads as uid 1000"
+    as_app mv "$uploads/.$f.part" "$uploads/$f"
+done
+# written in place
+as_app cp "$work/clean.txt" "$uploads/clean.txt"
+say "dropped eicar.com, eicar.zip, clean.bin, clean.txt"
+
+contains_eicar() { grep -rlF 'EICAR-STANDARD-ANTIVIRUS-TEST-FILE' "$1" 2>/dev/null; }
+quarantined_zip() { # a zip whose bytes equal ours, anywhere under quarantine
+    local want f
+    want=$(sha256sum <"$work/eicar.zip")
+    while IFS= read -r -d '' f; do
+        [[ $(sha256sum <"$f") == "$want" ]] && return 0
+    done < <(find "$quarantine" -type f -print0)
+    return 1
+}
+processed_copy() { # name -> path in processed with identical bytes
+    local want f
+    want=$(sha256sum <"$work/$1")
+    while IFS= read -r -d '' f; do
+        [[ $(sha256sum <"$f") == "$want" ]] && { echo "$f"; return 0; }
+    done < <(find "$processed" -type f -print0)
+    return 1
+}
+
+waited=0
+while :; do
+    left=$(find "$uploads" -type f | wc -l)
+    if ((left == 0)) && processed_copy clean.bin >/dev/null && processed_copy clean.txt >/dev/null &&
+        contains_eicar "$quarantine" >/dev/null && quarantined_zip; then
+        break
+    fi
+    ((waited >= OUTCOME_TIMEOUT)) && fail "files not delivered within ${OUTCOME_TIMEOUT}s"
+    kill -0 "$pid" 2>/dev/null || fail "container exited while files were pending"
+    sleep 1
+    waited=$((waited + 1))
+done
+ok "all four files left uploads after ~${waited}s"
+ok "eicar.com in quarantine: $(contains_eicar "$quarantine" | tr '\n' ' ')"
+ok "eicar.zip (EICAR inside an archive) in quarantine"
+[[ -z "$(contains_eicar "$processed")" ]] || fail "EICAR content found in processed"
+quarantined_zip && ! find "$processed" -type f -exec cmp -s "$work/eicar.zip" {} \; -print | grep -q . ||
+    fail "eicar.zip found in processed"
+ok "no EICAR (plain or zipped) in processed"
+ok "clean.bin in processed with identical bytes: $(processed_copy clean.bin)"
+ok "clean.txt in processed with identical bytes: $(processed_copy clean.txt)"
+
+hc=$(/usr/local/bin/watcher-healthcheck 2>&1) || fail "healthcheck failed after scanning: $hc"
+ok "watcher-healthcheck still exits 0"
+
+# --- stop ----------------------------------------------------------------------------------------
+kill -TERM "$pid"
+waited=0
+while kill -0 "$pid" 2>/dev/null; do
+    ((waited >= 60)) && fail "still running 60s after SIGTERM"
+    sleep 1
+    waited=$((waited + 1))
+done
+wait "$pid"
+rc=$?
+((rc == 0)) || fail "exit status $rc after SIGTERM, expected 0"
+grep -q '"event": *"container.stopped"' "$log" || fail "no container.stopped line"
+[[ -z "$(descendants "$pid")" ]] || fail "processes left after stop"
+ok "SIGTERM: watcher then clamd stopped, exit 0 after ${waited}s"
+
+say "$pass passed, 0 failed"

@@ -1,0 +1,200 @@
+"""The clamd adapter: the PyPI `clamd` package with its known defects fixed, behind `Scanner`.
+
+Fixed here (see PITFALLS.md): one client per call (instances are not thread-safe); a connect
+timeout; `z` (NUL) framing and no caller data in commands; `sendall` and 1 MiB INSTREAM chunks;
+reading clamd's reply after a broken pipe; FILDES on unix sockets. Errors that come back as data
+become `NotScanned`; connection failures become `ClamdUnavailable`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import clamd
+
+from watcher.errors import ClamdUnavailable
+from watcher.verdict import NotScanned, Verdict, parse_reply
+
+INSTREAM_CHUNK_BYTES = 1024 * 1024
+_MAX_REPLY_BYTES = 1024 * 1024
+
+
+class Scanner(Protocol):
+    """What the pipeline needs from a virus scanner."""
+
+    def scan_fd(self, fd: int) -> Verdict: ...
+    def ping(self) -> None: ...
+    def version(self) -> str: ...
+
+
+class _ConnectFailed(clamd.ConnectionError):  # type: ignore[misc]
+    """clamd did not accept the connection (down, or its backlog is full)."""
+
+
+class _FixedProtocol:
+    """Overrides of `clamd.ClamdNetworkSocket` internals; mixed into both socket kinds."""
+
+    clamd_socket: socket.socket
+    timeout: float
+    connect_timeout: float
+
+    def _connect(self, family: int, address: Any) -> None:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.connect_timeout)  # clamd's backlog can block connect()
+            sock.connect(address)
+            sock.settimeout(self.timeout)
+        except OSError as err:
+            sock.close()
+            raise _ConnectFailed(f"cannot connect to clamd at {address}: {err}") from err
+        self.clamd_socket = sock
+
+    def _send_command(self, cmd: str, *args: str) -> None:
+        if args:  # never put a path (an uploader's name) into a command
+            raise ValueError("clamd commands take no arguments here")
+        self.clamd_socket.sendall(b"z" + cmd.encode("ascii") + b"\0")
+
+    def _recv_response(self) -> str:
+        chunks: list[bytes] = []
+        received = 0
+        while received < _MAX_REPLY_BYTES:
+            try:
+                data = self.clamd_socket.recv(65536)
+            except OSError as err:
+                raise clamd.ConnectionError(f"reading clamd reply: {err}") from err
+            if not data:
+                break
+            chunks.append(data)
+            received += len(data)
+            if data.endswith(b"\0"):
+                break
+        return b"".join(chunks).rstrip(b"\0").decode("utf-8", "replace").strip()
+
+    _recv_response_multiline = _recv_response
+
+    def fildes(self, fd: int) -> str:
+        """Scan an open file descriptor (unix socket only): clamd reads the file itself."""
+        self._init_socket()  # type: ignore[attr-defined]
+        try:
+            self._send_command("FILDES")
+            socket.send_fds(self.clamd_socket, [b"\0"], [fd])
+            return self._recv_response()
+        except OSError as err:
+            raise clamd.ConnectionError(f"FILDES: {err}") from err
+        finally:
+            self.clamd_socket.close()
+
+    def instream_fd(self, fd: int) -> str:
+        """Stream an open file in large chunks; read the reply even if clamd cut us off."""
+        self._init_socket()  # type: ignore[attr-defined]
+        try:
+            self._send_command("INSTREAM")
+            offset = 0
+            try:
+                while chunk := os.pread(fd, INSTREAM_CHUNK_BYTES, offset):
+                    self.clamd_socket.sendall(struct.pack("!L", len(chunk)) + chunk)
+                    offset += len(chunk)
+                self.clamd_socket.sendall(struct.pack("!L", 0))
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # StreamMaxLength: clamd replies, then closes
+            return self._recv_response()
+        except OSError as err:
+            raise clamd.ConnectionError(f"INSTREAM: {err}") from err
+        finally:
+            self.clamd_socket.close()
+
+
+class _UnixClient(_FixedProtocol, clamd.ClamdUnixSocket):  # type: ignore[misc]
+    def __init__(self, path: str, timeout: float, connect_timeout: float) -> None:
+        super().__init__(path=path, timeout=timeout)
+        self.connect_timeout = connect_timeout
+
+    def _init_socket(self) -> None:
+        self._connect(socket.AF_UNIX, self.unix_socket)
+
+    def scan_reply(self, fd: int) -> str:
+        return self.fildes(fd)
+
+
+class _TcpClient(_FixedProtocol, clamd.ClamdNetworkSocket):  # type: ignore[misc]
+    def __init__(self, host: str, port: int, timeout: float, connect_timeout: float) -> None:
+        super().__init__(host=host, port=port, timeout=timeout)
+        self.connect_timeout = connect_timeout
+
+    def _init_socket(self) -> None:
+        self._connect(socket.AF_INET, (self.host, self.port))
+
+    def scan_reply(self, fd: int) -> str:
+        return self.instream_fd(fd)
+
+
+@dataclass(frozen=True)
+class ClamdScanner:
+    """A `Scanner` on a real clamd: FILDES over a unix socket, INSTREAM over TCP."""
+
+    socket_path: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = 3310
+    scan_timeout_s: float = 120.0
+    connect_timeout_s: float = 5.0
+
+    def _client(self, timeout: float) -> _UnixClient | _TcpClient:
+        if self.socket_path is not None:
+            return _UnixClient(str(self.socket_path), timeout, self.connect_timeout_s)
+        return _TcpClient(self.host, self.port, timeout, self.connect_timeout_s)
+
+    @property
+    def address(self) -> str:
+        return str(self.socket_path) if self.socket_path else f"{self.host}:{self.port}"
+
+    def scan_fd(self, fd: int) -> Verdict:
+        client = self._client(self.scan_timeout_s)
+        try:
+            reply = client.scan_reply(fd)
+        except _ConnectFailed as err:
+            raise ClamdUnavailable(str(err)) from err
+        except clamd.ConnectionError as err:
+            if isinstance(err.__cause__, TimeoutError):  # slow scan or frozen clamd: an attempt
+                return NotScanned(f"clamd did not answer within {self.scan_timeout_s}s", True)
+            raise ClamdUnavailable(str(err)) from err  # connection dropped mid-scan
+        if not reply:
+            return NotScanned("empty reply from clamd", transient=True)
+        return parse_reply(reply)
+
+    def _command(self, command: str, timeout: float) -> str:
+        client = self._client(timeout)
+        try:
+            reply: str = client._basic_command(command)
+        except clamd.ClamdError as err:
+            raise ClamdUnavailable(f"{command}: {err}") from err
+        except OSError as err:
+            raise ClamdUnavailable(f"{command}: {err}") from err
+        return reply
+
+    def ping(self, timeout: float | None = None) -> None:
+        reply = self._command("PING", timeout or self.connect_timeout_s)
+        if reply != "PONG":
+            raise ClamdUnavailable(f"PING answered {reply!r}")
+
+    def version(self) -> str:
+        """E.g. ``ClamAV 1.4.6/27100/Thu Nov 26 09:27:32 2026`` (no date with custom-only DBs)."""
+        return self._command("VERSION", self.connect_timeout_s)
+
+    def reload(self) -> str:
+        return self._command("RELOAD", self.connect_timeout_s)
+
+    def max_threads(self) -> int | None:
+        """clamd's MaxThreads, from STATS (``THREADS: live 1  idle 0 max 10 ...``)."""
+        client = self._client(self.connect_timeout_s)
+        try:
+            stats: str = client.stats()
+        except (clamd.ClamdError, OSError) as err:
+            raise ClamdUnavailable(f"STATS: {err}") from err
+        match = re.search(r"\bmax (\d+)", stats)
+        return int(match.group(1)) if match else None

@@ -1,0 +1,293 @@
+"""The daemon's lifecycle: intake → bounded queue → scan workers, with clamd's health in between.
+
+`Daemon.start()` / `close()` run without signal handlers (tests, embedding); `run()` adds them.
+While clamd is down the workers take nothing new (intake pauses, files wait in uploads) and a
+monitor pings with backoff until it answers again.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+from loguru import logger
+
+from watcher.clamav import ClamdScanner, Scanner
+from watcher.deliver import Deliverer
+from watcher.errors import ClamdUnavailable
+from watcher.intake import Intake
+from watcher.pipeline import Outcome, Pipeline, PipelineConfig, Result, RetryCause
+from watcher.settings import Settings
+from watcher.staging import Claim, Staging
+
+WorkItem = Path | Claim
+DEFAULT_WORKERS = 4
+
+
+class WorkQueue:
+    """Bounded, de-duplicated, with delayed items (retries). Hints beyond capacity are refused."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._heap: list[tuple[float, int, str, WorkItem]] = []
+        self._keys: set[str] = set()
+        self._seq = itertools.count()
+        self._cond = threading.Condition()
+
+    def offer(self, item: WorkItem, delay_s: float = 0.0, force: bool = False) -> bool:
+        key = _key(item)
+        with self._cond:
+            if key in self._keys:
+                return True
+            if len(self._heap) >= self.capacity and not force:
+                return False
+            self._keys.add(key)
+            heapq.heappush(self._heap, (time.monotonic() + delay_s, next(self._seq), key, item))
+            self._cond.notify()
+        return True
+
+    def get(self, timeout_s: float) -> WorkItem | None:
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                if self._heap and self._heap[0][0] <= now:
+                    _, _, key, item = heapq.heappop(self._heap)
+                    self._keys.discard(key)
+                    return item
+                wake = min(deadline, self._heap[0][0]) if self._heap else deadline
+                if now >= deadline:
+                    return None
+                self._cond.wait(wake - now)
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+
+def _key(item: WorkItem) -> str:
+    return f"claim:{item.id}" if isinstance(item, Claim) else f"path:{item}"
+
+
+class ClamdHealth:
+    """Up/down state of clamd; one `clamd.down` per outage, one `clamd.up` when it returns."""
+
+    def __init__(self, scanner: Scanner, stop: threading.Event, max_backoff_s: float = 5.0):
+        self._scanner = scanner
+        self._stop = stop
+        self._max_backoff_s = max_backoff_s
+        self.up = threading.Event()
+        self.up.set()
+        self._lock = threading.Lock()
+        self._monitor: threading.Thread | None = None
+        self.down_since: float | None = None
+
+    def mark_down(self, reason: str) -> None:
+        with self._lock:
+            if not self.up.is_set():
+                return
+            self.up.clear()
+            self.down_since = time.monotonic()
+            logger.bind(event="clamd.down", reason=reason).error("clamd unreachable: files wait")
+            self._monitor = threading.Thread(target=self._wait_for_clamd, daemon=True)
+            self._monitor.start()
+
+    def _wait_for_clamd(self) -> None:
+        delay = 0.1
+        while not self._stop.is_set():
+            try:
+                self._scanner.ping()
+            except ClamdUnavailable:
+                self._stop.wait(delay)
+                delay = min(delay * 2, self._max_backoff_s)
+                continue
+            down_s = time.monotonic() - (self.down_since or time.monotonic())
+            self.down_since = None
+            self.up.set()
+            logger.bind(event="clamd.up", down_s=round(down_s, 3)).info("clamd is back")
+            return
+
+
+class Daemon:
+    def __init__(self, settings: Settings, scanner: Scanner | None = None) -> None:
+        self.settings = settings
+        self.scanner: Scanner = scanner or scanner_from_settings(settings)
+        self.stop_event = threading.Event()
+        self.staging = Staging(settings.staging_root)
+        self.deliverer = Deliverer(settings.processed_dir, settings.quarantine_dir, self.staging)
+        self.pipeline = Pipeline(
+            PipelineConfig(
+                uploads_dir=settings.uploads_dir,
+                scanning_enabled=settings.scanning_enabled,
+                max_file_bytes=settings.max_file_bytes,
+                unscannable_policy=settings.unscannable_policy,
+                max_scan_attempts=settings.max_scan_attempts,
+                retry_max_backoff_s=settings.retry_max_backoff_s,
+            ),
+            self.scanner,
+            self.staging,
+            self.deliverer,
+        )
+        self.queue = WorkQueue(settings.queue_size)
+        self.clamd = ClamdHealth(self.scanner, self.stop_event)
+        self.intake = Intake(
+            settings.uploads_dir,
+            self.queue.offer,
+            ignore_patterns=settings.ignore_patterns,
+            settle_s=settings.settle_s,
+            sweep_interval_s=settings.sweep_interval_s,
+            polling=settings.observer == "polling",
+            poll_interval_s=settings.poll_interval_s,
+            skip_dirs=(settings.staging_root,),
+        )
+        self.counts: Counter[str] = Counter()
+        self.in_flight = 0
+        self._count_lock = threading.Lock()
+        self._workers: list[threading.Thread] = []
+        self._storage_full = False
+        self._listeners: list[Callable[[Result], None]] = []
+        self._closed = False
+
+    def add_listener(self, listener: Callable[[Result], None]) -> None:
+        """Called with every final result (used by metrics, the verdict API, the jobs)."""
+        self._listeners.append(listener)
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        s = self.settings
+        ignore_lease_breaks()
+        s.uploads_dir.mkdir(parents=True, exist_ok=True)
+        self.deliverer.prepare()
+        self.staging.open()
+        workers = s.workers or self._clamd_threads()
+        if not s.scanning_enabled:
+            logger.bind(event="watcher.scanning_disabled").warning(
+                "VIRUS_SCANNING_ENABLED=false: files are delivered WITHOUT scanning"
+            )
+        for claim in self.staging.recover():
+            self.queue.offer(claim, force=True)
+        for n in range(workers):
+            thread = threading.Thread(target=self._work, name=f"watcher-worker-{n}", daemon=True)
+            thread.start()
+            self._workers.append(thread)
+        self.intake.start()
+        logger.bind(
+            event="watcher.ready", uploads=str(s.uploads_dir), processed=str(s.processed_dir),
+            quarantine=str(s.quarantine_dir), workers=workers, observer=s.observer,
+            scanning=s.scanning_enabled,
+        ).info("ready: watching for uploads")  # fmt: skip
+
+    def close(self) -> None:
+        """Stop intake, let in-flight scans finish within the grace time. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        logger.bind(event="watcher.stopping", in_flight=self.in_flight).info("stopping")
+        self.intake.stop()
+        self.stop_event.set()
+        deadline = time.monotonic() + self.settings.shutdown_grace_s
+        for thread in self._workers:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        unfinished = sum(t.is_alive() for t in self._workers)
+        self.staging.close()
+        logger.bind(event="watcher.stopped", unfinished=unfinished).info("stopped")
+
+    def run(self) -> int:
+        """Run until SIGTERM or SIGINT; exit code 0 after a graceful stop."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop_event.set())
+        self.start()
+        try:
+            self.stop_event.wait()
+        finally:
+            self.close()
+        return 0
+
+    def alive(self) -> bool:
+        return self.intake.alive() and all(t.is_alive() for t in self._workers)
+
+    # -- workers ------------------------------------------------------------------------
+
+    def _clamd_threads(self) -> int:
+        if not self.settings.scanning_enabled or not isinstance(self.scanner, ClamdScanner):
+            return DEFAULT_WORKERS
+        try:
+            return self.scanner.max_threads() or DEFAULT_WORKERS
+        except ClamdUnavailable as err:
+            self.clamd.mark_down(str(err))
+            return DEFAULT_WORKERS
+
+    def _work(self) -> None:
+        while not self.stop_event.is_set():
+            if not self.clamd.up.wait(timeout=0.5):
+                continue  # clamd is down: leave files where they are
+            item = self.queue.get(timeout_s=0.5)
+            if item is None:
+                continue
+            with self._count_lock:
+                self.in_flight += 1
+            try:
+                self._handle(item)
+            except Exception:  # never let a worker die: the claim stays in staging
+                logger.bind(event="worker.error").exception("unexpected error")
+            finally:
+                with self._count_lock:
+                    self.in_flight -= 1
+
+    def _handle(self, item: WorkItem) -> None:
+        if isinstance(item, Claim):
+            result = self.pipeline.process_claim(item)
+        else:
+            result = self.pipeline.process_upload(item)
+        if result.outcome is Outcome.RETRY:
+            self._schedule_retry(result)
+            return
+        if self._storage_full:
+            self._storage_full = False
+            logger.bind(event="storage.ok").info("space is back: delivering again")
+        with self._count_lock:
+            self.counts[result.outcome.value] += 1
+        for listener in self._listeners:
+            try:
+                listener(result)
+            except Exception:
+                logger.bind(event="listener.error").exception("listener failed")
+
+    def _schedule_retry(self, result: Result) -> None:
+        assert result.claim is not None
+        if result.retry_cause is RetryCause.CLAMD_DOWN:
+            self.clamd.mark_down(result.reason or "")
+        elif result.retry_cause is RetryCause.STORAGE_FULL:
+            if not self._storage_full:
+                self._storage_full = True
+                logger.bind(event="storage.full", path=result.rel, reason=result.reason).error(
+                    "destination full: files wait until space returns"
+                )
+        else:
+            logger.bind(
+                event="file.retry", path=result.rel, reason=result.reason,
+                attempt=result.claim.attempts, retry_in_s=result.retry_after_s,
+            ).warning("not scanned yet: will retry")  # fmt: skip
+        self.queue.offer(result.claim, delay_s=result.retry_after_s, force=True)
+
+
+def scanner_from_settings(settings: Settings) -> ClamdScanner:
+    return ClamdScanner(
+        socket_path=settings.clamav_socket,
+        host=settings.clamav_host,
+        port=settings.clamav_port,
+        scan_timeout_s=settings.scan_timeout_s,
+        connect_timeout_s=settings.connect_timeout_s,
+    )
+
+
+def ignore_lease_breaks() -> None:
+    """Leases (see fsops.writer_active) signal SIGIO on a break; its default would kill us."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGIO, signal.SIG_IGN)

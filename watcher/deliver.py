@@ -1,0 +1,118 @@
+"""Delivery: claimed files into processed (clean) or quarantine (infected, unscannable).
+
+Same filesystem: one ``renameat2(RENAME_NOREPLACE)``. Across filesystems: copy to a temp
+name in the destination directory, fsync, note the destination in the claim's record, rename
+into place without overwriting, fsync the directory, then unlink the claim. A crash between
+the last two steps is finished by `finish_interrupted` at the next start, never redone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from watcher.fsops import (
+    copy_fd_to_new_file,
+    fsync_dir,
+    noclobber_names,
+    rename_noreplace,
+    sha256_fd,
+    storage_error,
+    write_json_atomic,
+)
+from watcher.staging import Claim, Staging
+
+QUARANTINE_FILE_MODE = 0o400
+
+
+class Deliverer:
+    def __init__(self, processed_dir: Path, quarantine_dir: Path, staging: Staging) -> None:
+        self.processed_dir = processed_dir
+        self.quarantine_dir = quarantine_dir
+        self.staging = staging
+
+    def prepare(self) -> None:
+        self.processed_dir.mkdir(parents=True, exist_ok=True)
+        self.quarantine_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.quarantine_dir, 0o700)
+
+    def to_processed(self, claim: Claim, fd: int) -> Path:
+        """Deliver under the upload's relative path; a taken name gets `` (n)`` added."""
+        target = self.processed_dir / claim.rel
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            return self._move(claim, fd, target.parent, noclobber_names(target.name))
+        except OSError as err:
+            raise storage_error(err, "deliver to processed") from err
+
+    def to_quarantine(self, claim: Claim, fd: int, metadata: dict[str, Any]) -> Path:
+        """Metadata first (so data is never without it), then the bytes, read-only."""
+        try:
+            os.fchmod(fd, QUARANTINE_FILE_MODE)
+            record = self.quarantine_dir / f"{claim.id}.json"
+            write_json_atomic(record, json.dumps(metadata, indent=1).encode())
+            return self._move(claim, fd, self.quarantine_dir, lambda n: claim.id, 0o400)
+        except OSError as err:
+            raise storage_error(err, "deliver to quarantine") from err
+
+    def finish_interrupted(self, claim: Claim) -> Path | None:
+        """After a crash mid-copy: clean up, and say if the claim had in fact arrived."""
+        if claim.dest is None:
+            return None
+        dest = Path(claim.dest)
+        _tmp_name(dest.parent, claim).unlink(missing_ok=True)
+        if not os.path.lexists(dest) or not _same_content(claim.data, dest):
+            return None
+        os.unlink(claim.data)
+        self.staging.release(claim)
+        return dest
+
+    def _move(
+        self, claim: Claim, fd: int, directory: Path, name: Callable[[int], str], mode: int = 0o644
+    ) -> Path:
+        same_fs = os.fstat(fd).st_dev == os.stat(directory).st_dev
+        source = claim.data
+        if not same_fs:
+            tmp = _tmp_name(directory, claim)
+            self.staging.note_dest(claim, directory / name(0))
+            tmp.unlink(missing_ok=True)  # left by a crash before this attempt
+            copy_fd_to_new_file(fd, tmp, mode if mode == QUARANTINE_FILE_MODE else 0o600)
+            if mode != QUARANTINE_FILE_MODE:
+                os.chmod(tmp, os.fstat(fd).st_mode & 0o777)
+            source = tmp
+        n = 0
+        while True:
+            dest = directory / name(n)
+            if not same_fs and n:
+                self.staging.note_dest(claim, dest)
+            try:
+                rename_noreplace(source, dest, partial(self.staging.note_dest, claim, dest))
+                break
+            except FileExistsError:
+                n += 1
+        fsync_dir(directory)
+        if not same_fs:
+            os.unlink(claim.data)
+        return dest
+
+
+def _tmp_name(directory: Path, claim: Claim) -> Path:
+    return directory / f".watcher-{claim.id}.tmp"
+
+
+def _same_content(a: Path, b: Path) -> bool:
+    with contextlib.ExitStack() as stack:
+        fds = []
+        for path in (a, b):
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            stack.callback(os.close, fd)
+            fds.append(fd)
+        sa, sb = os.fstat(fds[0]), os.fstat(fds[1])
+        if os.path.samestat(sa, sb):
+            return True
+        return sa.st_size == sb.st_size and sha256_fd(fds[0]) == sha256_fd(fds[1])

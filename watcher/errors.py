@@ -1,0 +1,30 @@
+"""The exceptions watcher raises. Third-party errors are translated once, at the boundary.
+
+WatcherError
+├── ConfigError          invalid or missing configuration (the CLI exits 2)
+├── ClamdUnavailable     clamd could not be reached or did not answer in time (transient)
+└── StorageError         a move or claim failed in a way that needs an operator
+    └── StorageFull      ENOSPC / EDQUOT on a destination (transient: wait for space)
+"""
+
+from __future__ import annotations
+
+
+class WatcherError(Exception):
+    """Base of every error watcher raises on purpose."""
+
+
+class ConfigError(WatcherError):
+    """Configuration is invalid; the message names the setting."""
+
+
+class ClamdUnavailable(WatcherError):
+    """clamd did not accept the connection or did not reply in time."""
+
+
+class StorageError(WatcherError):
+    """A filesystem operation on our own directories failed."""
+
+
+class StorageFull(StorageError):
+    """A destination filesystem is full; the file stays where it is until space returns."""

@@ -1,0 +1,251 @@
+"""Finding uploads: watchdog events as hints, a settle gate, and sweeps that miss nothing.
+
+Events are only hints. A file is offered to the queue once it is complete: nobody holds it
+open for writing (asked of the kernel with a read lease where it can tell), or its size and
+mtime have not changed for ``settle_s``. Sweeps (at start, periodically, after a dropped hint
+and for each new directory) recover whatever inotify missed or overflowed.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from loguru import logger
+from watchdog.events import (
+    DirCreatedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.polling import PollingObserver
+
+from watcher.fsops import writer_active
+
+Offer = Callable[[Path], bool]
+
+
+class Intake:
+    def __init__(
+        self,
+        uploads_dir: Path,
+        offer: Offer,
+        *,
+        ignore_patterns: tuple[str, ...],
+        settle_s: float,
+        sweep_interval_s: float,
+        polling: bool = False,
+        poll_interval_s: float = 2.0,
+        skip_dirs: tuple[Path, ...] = (),
+    ) -> None:
+        self.uploads_dir = uploads_dir
+        self._offer = offer
+        self._ignore = ignore_patterns
+        self._settle_s = settle_s
+        self._sweep_interval_s = sweep_interval_s
+        self._polling = polling
+        self._poll_interval_s = poll_interval_s
+        self._skip = {str(p) for p in skip_dirs}
+        self._pending: dict[str, tuple[int, int, float]] = {}
+        self._cond = threading.Condition()
+        self._sweep_requests: list[Path] = []
+        self._sweep_due = threading.Event()
+        self._stopping = threading.Event()
+        self._observer: BaseObserver | None = None
+        self._threads: list[threading.Thread] = []
+        self.sweeps = 0
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        observer: BaseObserver = (
+            PollingObserver(timeout=self._poll_interval_s) if self._polling else Observer()
+        )
+        observer.schedule(_Handler(self), str(self.uploads_dir), recursive=True)
+        observer.start()
+        self._observer = observer
+        for target, name in ((self._settle_loop, "settle"), (self._sweep_loop, "sweep")):
+            thread = threading.Thread(target=target, name=f"watcher-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        self.request_sweep()  # files that were there before we started produce no events
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._sweep_due.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=5)
+        for thread in self._threads:
+            thread.join(timeout=5)
+
+    def alive(self) -> bool:
+        observer_ok = self._observer is not None and self._observer.is_alive()
+        return observer_ok and all(t.is_alive() for t in self._threads)
+
+    def request_sweep(self, directory: Path | None = None) -> None:
+        with self._cond:
+            self._sweep_requests.append(directory or self.uploads_dir)
+        self._sweep_due.set()
+
+    @property
+    def pending_count(self) -> int:
+        return len(self._pending)
+
+    # -- hints --------------------------------------------------------------------------
+
+    def hint(self, path: Path, complete: bool) -> None:
+        """A file may be ready. ``complete``: the event itself says its writer is done."""
+        if self.ignored(path):
+            return
+        if not complete and str(path) in self._pending:
+            self._watch(path)  # still being written: just note the new size
+            return
+        active = writer_active(path)
+        if active is False or (complete and active is None):
+            self._ready(path)
+        else:
+            self._watch(path)
+
+    def ignored(self, path: Path) -> bool:
+        rel = os.path.relpath(path, self.uploads_dir)
+        if rel.startswith("..") or any(
+            str(path) == skip or str(path).startswith(skip + os.sep) for skip in self._skip
+        ):
+            return True
+        parts = rel.split(os.sep)
+        return any(fnmatch.fnmatch(part, pat) for part in parts for pat in self._ignore)
+
+    def _ready(self, path: Path) -> None:
+        with self._cond:
+            self._pending.pop(str(path), None)
+        if not self._offer(path):
+            self.request_sweep()  # queue full: the file stays in uploads; a sweep finds it
+
+    def _watch(self, path: Path) -> None:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        with self._cond:
+            key = str(path)
+            previous = self._pending.get(key)
+            if previous is None or previous[:2] != (st.st_size, st.st_mtime_ns):
+                self._pending[key] = (st.st_size, st.st_mtime_ns, time.monotonic())
+            self._cond.notify_all()
+
+    def _settle_loop(self) -> None:
+        while not self._stopping.is_set():
+            with self._cond:
+                while not self._pending and not self._stopping.is_set():
+                    self._cond.wait()  # idle: no polling at all
+                snapshot = list(self._pending.items())
+            for key, (size, mtime_ns, since) in snapshot:
+                self._check_settled(Path(key), size, mtime_ns, since)
+            self._stopping.wait(min(self._settle_s / 4, 0.5))
+
+    def _check_settled(self, path: Path, size: int, mtime_ns: int, since: float) -> None:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            with self._cond:
+                self._pending.pop(str(path), None)
+            return
+        if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
+            self._watch(path)
+            return
+        active = writer_active(path)
+        if active is False or (active is None and time.monotonic() - since >= self._settle_s):
+            self._ready(path)
+
+    # -- sweeps -------------------------------------------------------------------------
+
+    def _sweep_loop(self) -> None:
+        while not self._stopping.is_set():
+            self._sweep_due.wait(self._sweep_interval_s)
+            self._sweep_due.clear()
+            if self._stopping.is_set():
+                return
+            with self._cond:
+                requests, self._sweep_requests = self._sweep_requests, []
+            roots = requests or [self.uploads_dir]
+            if self.uploads_dir in roots:
+                roots = [self.uploads_dir]
+            try:
+                for root in dict.fromkeys(roots):
+                    self._sweep(root)
+            except Exception:
+                logger.bind(event="intake.sweep_failed").exception("sweep failed")
+
+    def _sweep(self, root: Path) -> None:
+        found = 0
+        now_ns = time.time_ns()
+        for path, st in self._walk(root):
+            found += 1
+            if str(path) in self._pending:
+                continue
+            if not os.path.isfile(path) or os.path.islink(path):
+                self._ready(path)  # the pipeline rejects it (once, loudly)
+            elif now_ns - st.st_mtime_ns >= self._settle_s * 1e9:
+                self.hint(path, complete=True)
+            else:
+                self.hint(path, complete=False)
+        self.sweeps += 1
+        logger.bind(event="intake.swept", root=str(root), files=found).debug("swept")
+
+    def _walk(self, root: Path) -> Iterator[tuple[Path, os.stat_result]]:
+        stack = [root]
+        while stack:
+            directory = stack.pop()
+            try:
+                entries = list(os.scandir(directory))
+            except (FileNotFoundError, NotADirectoryError, PermissionError):
+                continue
+            for entry in entries:
+                path = Path(entry.path)
+                if entry.path in self._skip or self.ignored(path):
+                    continue
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(path)
+                    else:
+                        yield path, entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+
+
+class _Handler(FileSystemEventHandler):
+    """Runs on watchdog's thread: only hands hints over, and never lets an exception escape."""
+
+    def __init__(self, intake: Intake) -> None:
+        self._intake = intake
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        try:
+            self._dispatch(event)
+        except Exception:
+            logger.bind(event="intake.event_failed").exception("event handling failed")
+
+    def _dispatch(self, event: FileSystemEvent) -> None:
+        kind = event.event_type
+        if isinstance(event, DirCreatedEvent | DirMovedEvent):
+            target = event.dest_path if isinstance(event, DirMovedEvent) else event.src_path
+            self._intake.request_sweep(Path(os.fsdecode(target)))
+            return
+        if event.is_directory or kind in ("deleted", "opened", "closed_no_write"):
+            return
+        if kind == "moved":
+            self._intake.hint(Path(os.fsdecode(event.dest_path)), complete=True)
+        elif kind in ("created", "modified"):
+            self._intake.hint(Path(os.fsdecode(event.src_path)), complete=False)
+        elif isinstance(event, FileClosedEvent):
+            self._intake.hint(Path(os.fsdecode(event.src_path)), complete=True)

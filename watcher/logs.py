@@ -1,0 +1,83 @@
+"""Logging, configured once by the CLI: one flat JSON object (or one text line) per event.
+
+Everywhere else: ``logger.bind(event="file.clean", path=rel).info("clean")``. Data goes in
+fields, never into the message, so an uploaded name is never a format string.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import traceback
+from datetime import UTC
+from typing import Any, TextIO
+
+from loguru import logger
+
+# Fields loguru's record already carries that we never copy into the flat line.
+_RESERVED = {"time", "level", "event", "message"}
+
+
+def _flat_json(record: Any) -> str:
+    line: dict[str, Any] = {
+        "time": record["time"].astimezone(UTC).isoformat(timespec="milliseconds"),
+        "level": record["level"].name,
+        "event": record["extra"].get("event", "log"),
+        "message": record["message"],
+    }
+    for key, value in record["extra"].items():
+        if key not in _RESERVED:
+            line[key] = value
+    if record["exception"] is not None:
+        line["exception"] = "".join(traceback.format_exception(*record["exception"])).rstrip()
+    return json.dumps(line, default=str)
+
+
+def _text(record: Any) -> str:
+    fields = " ".join(
+        f"{k}={json.dumps(v, default=str)}"
+        for k, v in record["extra"].items()
+        if k not in _RESERVED
+    )
+    return (
+        f"{record['time'].astimezone(UTC):%Y-%m-%dT%H:%M:%S.%fZ} {record['level'].name:<7} "
+        f"{record['extra'].get('event', 'log')} {record['message']} {fields}"
+    ).rstrip()
+
+
+class _Sink:
+    """Writes one line per record; formatting is ours, so loguru never parses our data."""
+
+    def __init__(self, stream: TextIO, fmt: str) -> None:
+        self._stream = stream
+        self._render = _flat_json if fmt == "json" else _text
+
+    def write(self, message: Any) -> None:
+        self._stream.write(self._render(message.record) + "\n")
+        self._stream.flush()
+
+
+class _InterceptHandler(logging.Handler):
+    """Routes stdlib logging (watchdog, apscheduler) into the same sink."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level: str | int = logger.level(record.levelname).name
+        except ValueError:
+            level = record.levelno
+        logger.bind(event=f"lib.{record.name}").opt(exception=record.exc_info).log(
+            level, record.getMessage()
+        )
+
+
+def configure_logging(fmt: str = "json", level: str = "INFO", stream: TextIO | None = None) -> None:
+    """Replace loguru's default handler with ours; diagnose=False keeps data out of tracebacks."""
+    logger.remove()
+    logger.add(_Sink(stream or sys.stdout, fmt).write, level=level, diagnose=False, backtrace=False)
+    logging.basicConfig(handlers=[_InterceptHandler()], level=logging.WARNING, force=True)
+
+
+def event(name: str, **fields: Any) -> Any:
+    """A logger bound to a stable event name and its fields."""
+    return logger.bind(event=name, **fields)

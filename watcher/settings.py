@@ -1,0 +1,157 @@
+"""Configuration: environment first, then an optional TOML file named by WATCHER_CONFIG.
+
+Built once by the CLI (`load_settings`) and passed down; nothing here runs at import time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AliasChoices, BeforeValidator, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from watcher.errors import ConfigError
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration_s(value: Any) -> Any:
+    """Accept seconds or a short duration: "90", "90s", "15m", "4h", "30d"."""
+    if isinstance(value, int | float | timedelta):
+        return value.total_seconds() if isinstance(value, timedelta) else value
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if not match:
+            raise ValueError(f"not a duration: {value!r} (use seconds or e.g. 90s, 15m, 4h, 30d)")
+        return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    return value
+
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+
+
+def parse_size_bytes(value: Any) -> Any:
+    """Accept bytes or a size: "100M", "2GiB", "512k"."""
+    if isinstance(value, str):
+        match = _SIZE.match(value)
+        if not match:
+            raise ValueError(f"not a size: {value!r} (use bytes or e.g. 100M, 2G)")
+        unit = (match.group(2) or "B").upper()[0]
+        return int(match.group(1)) * 1024 ** "BKMGT".index(unit)
+    return value
+
+
+Seconds = Annotated[float, BeforeValidator(parse_duration_s), Field(gt=0)]
+Bytes = Annotated[int, BeforeValidator(parse_size_bytes), Field(gt=0)]
+
+DEFAULT_IGNORE = (".*", "*.part", "*.tmp", "*.crdownload", "*~")
+
+
+class Settings(BaseSettings):
+    """Every setting of the daemon. Field names with the WATCHER_ prefix are the env names."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="WATCHER_", frozen=True, extra="forbid", populate_by_name=True
+    )
+
+    uploads_dir: Path = Path("/data/uploads")
+    processed_dir: Path = Path("/data/processed")
+    quarantine_dir: Path = Path("/data/quarantine")
+    state_dir: Path = Path("/var/lib/watcher")
+
+    # The seed's names, kept without the prefix (aliases ignore env_prefix).
+    clamav_socket: Path | None = Field(
+        None, validation_alias=AliasChoices("CLAMAV_SOCKET", "clamav_socket")
+    )
+    clamav_host: str = Field(
+        "127.0.0.1", validation_alias=AliasChoices("CLAMAV_HOST", "clamav_host")
+    )
+    clamav_port: int = Field(
+        3310, ge=1, le=65535, validation_alias=AliasChoices("CLAMAV_PORT", "clamav_port")
+    )
+    scanning_enabled: bool = Field(
+        True, validation_alias=AliasChoices("VIRUS_SCANNING_ENABLED", "scanning_enabled")
+    )
+
+    log_format: Literal["json", "text"] = "json"
+    log_level: Literal["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    workers: int = Field(0, ge=0, le=256)  # 0: as many as clamd has threads
+    queue_size: int = Field(4096, ge=16)
+    observer: Literal["inotify", "polling"] = "inotify"
+    poll_interval_s: Seconds = 2.0
+    settle_s: Seconds = 2.0
+    sweep_interval_s: Seconds = 60.0
+    ignore_patterns: tuple[str, ...] = DEFAULT_IGNORE
+    max_file_bytes: Bytes = 100 * 1024 * 1024
+    unscannable_policy: Literal["quarantine", "hold"] = "quarantine"
+    scan_timeout_s: Seconds = 120.0
+    connect_timeout_s: Seconds = 5.0
+    max_scan_attempts: int = Field(5, ge=1)
+    retry_max_backoff_s: Seconds = 30.0
+    shutdown_grace_s: Seconds = 30.0
+
+    @field_validator("ignore_patterns", mode="before")
+    @classmethod
+    def _split_patterns(cls, value: Any) -> Any:
+        # Accept a comma-separated env value as well as JSON / TOML lists.
+        if isinstance(value, str) and not value.lstrip().startswith("["):
+            return tuple(p.strip() for p in value.split(",") if p.strip())
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get("WATCHER_CONFIG")
+        if config_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
+        return tuple(sources)
+
+    @property
+    def staging_root(self) -> Path:
+        """Private claim area: on the uploads filesystem so a claim is a rename."""
+        return self.uploads_dir / ".watcher"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the settings, turning every problem into one ConfigError naming the setting."""
+    config_file = os.environ.get("WATCHER_CONFIG")
+    if config_file and not Path(config_file).is_file():
+        raise ConfigError(f"WATCHER_CONFIG: file not found: {config_file}")
+    try:
+        return Settings(**overrides)
+    except ValidationError as err:
+        problems = []
+        for error in err.errors():
+            name = ".".join(str(p) for p in error["loc"]) or "settings"
+            problems.append(f"{_env_name(name)}: {error['msg']}")
+        raise ConfigError("invalid configuration: " + "; ".join(problems)) from err
+    except ValueError as err:  # TOML syntax errors arrive as plain ValueErrors
+        raise ConfigError(f"invalid configuration: {err}") from err
+
+
+def _env_name(field: str) -> str:
+    aliases = {
+        "clamav_socket": "CLAMAV_SOCKET",
+        "clamav_host": "CLAMAV_HOST",
+        "clamav_port": "CLAMAV_PORT",
+        "scanning_enabled": "VIRUS_SCANNING_ENABLED",
+    }
+    return aliases.get(field, field if field.isupper() else f"WATCHER_{field.upper()}")

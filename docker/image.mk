@@ -20,7 +20,7 @@ DOCKER_TOOLS_PY ?= python3
 HADOLINT := $(DOCKER_TOOLS_VENV)/bin/hadolint
 COMPOSE := $(DOCKER_TOOLS_VENV)/bin/docker-compose
 DOCKERFILES := Dockerfile $(wildcard examples/node-app/Dockerfile)
-IMAGE_SHELL_SCRIPTS := $(wildcard docker/scripts/*.sh docker/build/*.sh tests/image/*.sh)
+IMAGE_SHELL_SCRIPTS := $(wildcard docker/scripts/*.sh docker/tools/*.sh tests/image/*.sh)
 
 comma := ,
 
@@ -39,7 +39,7 @@ image-tools:
 
 # Base images cannot be pulled here: make debian:bookworm-slim from Debian's packages when missing.
 image-base: image-tools
-	@$(PODMAN) image exists $(BASE_IMAGE) || PODMAN=$(PODMAN) bash docker/build/bootstrap-base.sh $(BASE_IMAGE)
+	@$(PODMAN) image exists $(BASE_IMAGE) || PODMAN=$(PODMAN) bash docker/tools/bootstrap-base.sh $(BASE_IMAGE)
 
 image: image-base
 	$(PODMAN) build $(PODMAN_BUILD_FLAGS) \

@@ -33,7 +33,7 @@ RUN --mount=type=secret,id=pip_ca \
     && /opt/watcher/bin/pip install --no-cache-dir /src \
     && /opt/watcher/bin/pip uninstall -y --no-cache-dir pip setuptools \
     && /opt/watcher/bin/python -m compileall -q /opt/watcher/lib \
-    && /opt/watcher/bin/python -c "import watcher"
+    && /opt/watcher/bin/watcher --version
 
 ########################################################################################################
 FROM ${DEBIAN_IMAGE}

@@ -112,8 +112,15 @@ CLAMAV_SOCKET='' CLAMAV_HOST=127.0.0.1 CLAMAV_PORT=3310 bash -c '. /usr/local/li
     fail "clamd does not answer PING on TCP 3310"
 ok "clamd answers PING on TCP 3310 (for the app container)"
 
-hc=$(/usr/local/bin/watcher-healthcheck 2>&1) || fail "healthcheck failed: $hc"
-ok "watcher-healthcheck exits 0 ($hc)"
+# `watcher healthcheck` arrives with a later change of the package: until then, say SKIP loudly.
+if watcher --help 2>/dev/null | grep -q healthcheck; then
+    have_healthcheck=1
+    hc=$(/usr/local/bin/watcher-healthcheck 2>&1) || fail "healthcheck failed: $hc"
+    ok "watcher-healthcheck exits 0 ($hc)"
+else
+    have_healthcheck=0
+    say "SKIP - this package version has no 'watcher healthcheck': checking file outcomes only"
+fi
 
 # --- drop files the way an app does ---------------------------------------------------------------
 printf '%s' "$EICAR" >"$work/eicar.com"
@@ -154,7 +161,8 @@ processed_copy() { # name -> path in processed with identical bytes
 
 waited=0
 while :; do
-    left=$(find "$uploads" -type f | wc -l)
+    # the daemon keeps its staging area (claims journal) in uploads/.watcher
+    left=$(find "$uploads" -path "$uploads/.watcher" -prune -o -type f -print | wc -l)
     if ((left == 0)) && processed_copy clean.bin >/dev/null && processed_copy clean.txt >/dev/null &&
         contains_eicar "$quarantine" >/dev/null && quarantined_zip; then
         break
@@ -174,8 +182,10 @@ ok "no EICAR (plain or zipped) in processed"
 ok "clean.bin in processed with identical bytes: $(processed_copy clean.bin)"
 ok "clean.txt in processed with identical bytes: $(processed_copy clean.txt)"
 
-hc=$(/usr/local/bin/watcher-healthcheck 2>&1) || fail "healthcheck failed after scanning: $hc"
-ok "watcher-healthcheck still exits 0"
+if ((have_healthcheck)); then
+    hc=$(/usr/local/bin/watcher-healthcheck 2>&1) || fail "healthcheck failed after scanning: $hc"
+    ok "watcher-healthcheck still exits 0"
+fi
 
 # --- stop ----------------------------------------------------------------------------------------
 kill -TERM "$pid"

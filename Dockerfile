@@ -84,7 +84,8 @@ ENV PATH=/opt/watcher/bin:$PATH \
 # by the compose file: they are reachable on the compose network only.
 EXPOSE 3310 9090
 
-USER watcher
+# Numeric, so orchestrators can verify it is not root (Kubernetes runAsNonRoot).
+USER ${WATCHER_UID}:${WATCHER_GID}
 WORKDIR /var/lib/watcher
 
 # The start period covers the first definitions download (~250 MB) plus clamd loading them.

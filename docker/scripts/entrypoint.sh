@@ -17,6 +17,7 @@
 #   FRESHCLAM_ON_START=true       download definitions at start when no official ones are present
 #   FRESHCLAM_RETRIES=3, FRESHCLAM_RETRY_DELAY=30 (seconds, doubled after each failure),
 #   FRESHCLAM_TIMEOUT=900         per attempt
+#   FRESHCLAM_CONFIG=/etc/clamav/freshclam.conf
 #   CLAMD_START_TIMEOUT=300       seconds to wait for clamd to answer PING (official databases
 #                                 take ~30-60 s to load on 2 cores)
 set -euo pipefail
@@ -26,7 +27,7 @@ set -euo pipefail
 
 readonly RUN_AS=watcher
 readonly CLAMD_CONF=/etc/clamav/clamd.conf
-readonly FRESHCLAM_CONF=/etc/clamav/freshclam.conf
+readonly FRESHCLAM_CONF=${FRESHCLAM_CONFIG:-/etc/clamav/freshclam.conf}
 readonly CLAMAV_DB=/var/lib/clamav
 readonly CLAMD_RUN=/run/clamav
 readonly LOG_DIR=/var/log/watcher
@@ -68,8 +69,11 @@ fix_ownership() {
 
 # As the watcher user: every directory must exist and be writable; name the first that is not.
 check_directories() {
-    local dir
-    for dir in "$uploads" "$processed" "$quarantine" "$state" "$CLAMAV_DB" "$CLAMD_RUN" "$LOG_DIR"; do
+    local dir dirs=("$uploads" "$processed" "$quarantine" "$state" "$LOG_DIR")
+    if local_clamd_wanted; then
+        dirs+=("$CLAMAV_DB" "$CLAMD_RUN")
+    fi
+    for dir in "${dirs[@]}"; do
         mkdir -p -- "$dir" 2>/dev/null || true
         if [[ ! -d "$dir" || ! -w "$dir" || ! -x "$dir" ]]; then
             log ERROR container.directory_not_writable \

@@ -1,7 +1,7 @@
 #!/bin/bash
 # Runs INSIDE the image as root (copied in and started by tests/image/smoke.sh):
 #   - the entrypoint as in production (tini, root start -> ownership fix -> drop to `watcher`),
-#     with freshclam failing (no internet) and falling back to the bundled test signatures;
+#     with freshclam failing (mirror unreachable) and falling back to the bundled test signatures;
 #   - an EICAR file, a zip holding EICAR and two clean files dropped into uploads the way an app
 #     does it (as uid 1000, one written in place, others written to an ignored temp name and renamed);
 #   - checks: EICAR and the zip end in quarantine and nowhere else, the clean files in processed
@@ -10,8 +10,12 @@
 set -uo pipefail
 
 export FRESHCLAM_RETRIES=${FRESHCLAM_RETRIES:-2} FRESHCLAM_RETRY_DELAY=1 FRESHCLAM_TIMEOUT=60
+# Hermetic: the image's real freshclam.conf, but its mirror is a closed port on loopback, so the
+# download fails the same way with or without internet access (and fast: one attempt per run).
+export FRESHCLAM_CONFIG=/tmp/smoke/freshclam.conf
 READY_TIMEOUT=${READY_TIMEOUT:-180}
 OUTCOME_TIMEOUT=${OUTCOME_TIMEOUT:-90}
+# shellcheck disable=SC2016 # literal dollar signs: the EICAR test string
 EICAR='X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*'
 work=/tmp/smoke
 log=$work/container.log
@@ -22,6 +26,9 @@ t0=$(date +%s)
 pass=0
 
 mkdir -p "$work"
+sed -e 's|^DatabaseMirror .*|DatabaseMirror http://127.0.0.1:9|' -e 's|^MaxAttempts .*|MaxAttempts 1|' \
+    /etc/clamav/freshclam.conf >"$FRESHCLAM_CONFIG"
+chmod 0644 "$FRESHCLAM_CONFIG"
 say() { echo "scenario [$(($(date +%s) - t0))s]: $*"; }
 ok() {
     pass=$((pass + 1))
@@ -95,7 +102,7 @@ ok "watcher.ready after $(($(date +%s) - t0))s"
 grep -q '"event": *"definitions.test_only"' "$log" || fail "no loud definitions.test_only line"
 grep -c 'definitions.download_failed' "$log" | grep -qx "$FRESHCLAM_RETRIES" ||
     fail "expected $FRESHCLAM_RETRIES failed freshclam attempts"
-ok "freshclam failed $FRESHCLAM_RETRIES times (no internet) and the test signatures were installed, loudly"
+ok "freshclam failed $FRESHCLAM_RETRIES times (mirror unreachable) and the test signatures were installed, loudly"
 ls /var/lib/clamav/watcher-test.* >/dev/null 2>&1 || fail "test signatures not in /var/lib/clamav"
 
 procs=$(descendants "$pid")
@@ -176,8 +183,9 @@ ok "all four files left uploads after ~${waited}s"
 ok "eicar.com in quarantine: $(contains_eicar "$quarantine" | tr '\n' ' ')"
 ok "eicar.zip (EICAR inside an archive) in quarantine"
 [[ -z "$(contains_eicar "$processed")" ]] || fail "EICAR content found in processed"
-quarantined_zip && ! find "$processed" -type f -exec cmp -s "$work/eicar.zip" {} \; -print | grep -q . ||
+if find "$processed" -type f -exec cmp -s "$work/eicar.zip" {} \; -print | grep -q .; then
     fail "eicar.zip found in processed"
+fi
 ok "no EICAR (plain or zipped) in processed"
 ok "clean.bin in processed with identical bytes: $(processed_copy clean.bin)"
 ok "clean.txt in processed with identical bytes: $(processed_copy clean.txt)"

@@ -20,7 +20,7 @@ fail() {
 # --- the image's configuration ---------------------------------------------------------------------
 inspect() { "$PODMAN" image inspect --format "$1" "$IMAGE"; }
 user=$(inspect '{{.Config.User}}')
-[[ "$user" == watcher ]] || fail "image USER is '$user', expected watcher"
+[[ "$user" == 1000:1000 ]] || fail "image USER is '$user', expected 1000:1000 (watcher)"
 entrypoint=$(inspect '{{json .Config.Entrypoint}}')
 [[ "$entrypoint" == '["/usr/bin/tini","--","/usr/local/bin/docker-entrypoint"]' ]] ||
     fail "entrypoint is $entrypoint, expected tini first"
@@ -29,7 +29,7 @@ grep -q 'watcher-healthcheck' <<<"$health" || fail "no HEALTHCHECK running watch
 interval=$(inspect '{{.Config.Healthcheck.Interval}}')
 [[ "$interval" == 30s ]] || fail "HEALTHCHECK interval is $interval, expected 30s"
 size=$(inspect '{{.Size}}')
-echo "image-test: config ok (USER watcher, tini entrypoint, HEALTHCHECK $health); size $((size / 1000000)) MB"
+echo "image-test: config ok (USER $user, tini entrypoint, HEALTHCHECK $health); size $((size / 1000000)) MB"
 
 # --- the scenario inside the image -----------------------------------------------------------------
 ctr=$(buildah from --pull-never "$IMAGE")

@@ -210,4 +210,36 @@ grep -q '"event": *"container.stopped"' "$log" || fail "no container.stopped lin
 [[ -z "$(descendants "$pid")" ]] || fail "processes left after stop"
 ok "SIGTERM: watcher then clamd stopped, exit 0 after ${waited}s"
 
+# --- restart as the image's default user (uid 1000, no root step) on the same volumes --------------
+log=$work/container2.log
+setpriv --reuid=1000 --regid=1000 --clear-groups env HOME=/var/lib/watcher \
+    /usr/bin/tini -s -- /usr/local/bin/docker-entrypoint run >"$log" 2>&1 &
+pid=$!
+wait_for_log '"event": *"watcher.ready"' "$READY_TIMEOUT"
+grep -q '"event": *"container.ownership"' "$log" && fail "non-root start tried to fix ownership"
+ok "restart as uid 1000 (the image's USER) on the same volumes: ready"
+as_app cp "$work/eicar.com" "$uploads/.again.com.part" && as_app mv "$uploads/.again.com.part" "$uploads/again.com"
+waited=0
+until [[ $(contains_eicar "$quarantine" | wc -l) -ge 2 ]]; do
+    ((waited >= OUTCOME_TIMEOUT)) && fail "second EICAR not quarantined within ${OUTCOME_TIMEOUT}s"
+    sleep 1
+    waited=$((waited + 1))
+done
+ok "after the restart, a new EICAR upload is quarantined"
+kill -TERM "$pid"
+wait "$pid" || fail "exit status $? after SIGTERM (non-root run)"
+ok "non-root run stopped with exit 0"
+
+# --- a volume the watcher cannot write: refuse to start, and say which and how to fix ----------------
+log=$work/container3.log
+chown root:root "$processed"
+rc=0
+setpriv --reuid=1000 --regid=1000 --clear-groups env HOME=/var/lib/watcher \
+    timeout 60 /usr/bin/tini -s -- /usr/local/bin/docker-entrypoint run >"$log" 2>&1 || rc=$?
+chown watcher:watcher "$processed"
+((rc == 78)) || fail "unwritable processed dir: exit $rc, expected 78"
+grep -q "\"event\": *\"container.directory_not_writable\".*$processed" "$log" ||
+    fail "no container.directory_not_writable line naming $processed"
+ok "unwritable processed volume: exit 78 with a line naming it and the fix"
+
 say "$pass passed, 0 failed"

@@ -242,4 +242,16 @@ grep -q "\"event\": *\"container.directory_not_writable\".*$processed" "$log" ||
     fail "no container.directory_not_writable line naming $processed"
 ok "unwritable processed volume: exit 78 with a line naming it and the fix"
 
+# --- VIRUS_SCANNING_ENABLED=false: no clamd is started, the daemon says it delivers unscanned ------
+log=$work/container4.log
+setpriv --reuid=1000 --regid=1000 --clear-groups env HOME=/var/lib/watcher VIRUS_SCANNING_ENABLED=false \
+    /usr/bin/tini -s -- /usr/local/bin/docker-entrypoint run >"$log" 2>&1 &
+pid=$!
+wait_for_log '"event": *"watcher.ready"' "$READY_TIMEOUT"
+descendants "$pid" | awk '$3 ~ /(^|\/)clamd$/' | grep -q . && fail "clamd started although scanning is disabled"
+grep -q '"event": *"watcher.scanning_disabled"' "$log" || fail "no watcher.scanning_disabled warning"
+kill -TERM "$pid"
+wait "$pid" || fail "exit status $? after SIGTERM (scanning disabled)"
+ok "VIRUS_SCANNING_ENABLED=false: no clamd, watcher.scanning_disabled logged, clean stop"
+
 say "$pass passed, 0 failed"

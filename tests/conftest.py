@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 from loguru import logger
-
 from support import Clamd, Events, loguru_events
+
 from watcher.daemon import Daemon
 from watcher.settings import Settings
 

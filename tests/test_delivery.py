@@ -12,8 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
 from support import EICAR, TESTFILES, Events, files_under, quarantined
+
 from watcher.daemon import Daemon
 
 Start = Callable[..., Daemon]
@@ -82,7 +82,10 @@ def test_archives_with_eicar_inside_are_quarantined(
     write(dirs["uploads"] / "c.zip", _zip("fine.txt", b"nothing to see"))
     events.wait_for("file.infected", count=2)
     events.wait_for("file.clean", path="c.zip")
-    assert sorted(m["original_path"] for m in quarantined(dirs["quarantine"])) == ["a.zip", "b.tar.gz"]
+    assert sorted(m["original_path"] for m in quarantined(dirs["quarantine"])) == [
+        "a.zip",
+        "b.tar.gz",
+    ]
     assert sorted(files_under(dirs["processed"])) == ["c.zip"]
 
 
@@ -163,7 +166,9 @@ def test_new_directory_filled_at_once_is_fully_delivered(
     for n in range(30):
         write(batch / "a" / "b" / f"{n}.txt", str(n).encode())
     events.wait_for("file.clean", count=30)
-    assert files_under(dirs["processed"]) == {f"batch/a/b/{n}.txt": str(n).encode() for n in range(30)}
+    assert files_under(dirs["processed"]) == {
+        f"batch/a/b/{n}.txt": str(n).encode() for n in range(30)
+    }
 
 
 def test_ignored_names_wait_until_renamed(
@@ -217,7 +222,9 @@ def test_more_files_than_the_queue_holds_are_all_delivered(
     for n in range(400):
         write(dirs["uploads"] / f"f{n:03}.txt", f"body {n}".encode())
     events.wait_for("file.clean", count=400, timeout_s=60)
-    assert files_under(dirs["processed"]) == {f"f{n:03}.txt": f"body {n}".encode() for n in range(400)}
+    assert files_under(dirs["processed"]) == {
+        f"f{n:03}.txt": f"body {n}".encode() for n in range(400)
+    }
     assert daemon.intake.sweeps >= 2  # dropped hints were recovered by a sweep
 
 

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from support import EICAR, Events, files_under, quarantined
+
 from watcher.daemon import Daemon
 
 Start = Callable[..., Daemon]
@@ -95,7 +96,7 @@ def test_slow_writer_with_payload_at_the_end_is_never_judged_half_written(
     writer = threading.Thread(target=slow_writer)
     writer.start()
     writer.join()
-    (record,) = events.wait_for("file.infected", path="slow.bin")
+    (_record,) = events.wait_for("file.infected", path="slow.bin")
     assert events.named("file.clean") == []
     (meta,) = quarantined(dirs["quarantine"])
     assert meta["bytes"].endswith(EICAR) and meta["size"] == 10 * 16 * 64 + len(EICAR)

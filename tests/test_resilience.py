@@ -9,7 +9,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
 from support import (
     EICAR,
     Clamd,
@@ -20,6 +19,7 @@ from support import (
     quarantined,
     wait_until,
 )
+
 from watcher.daemon import Daemon
 from watcher.verdict import Clean, NotScanned, Verdict
 
@@ -213,7 +213,7 @@ def test_errors_from_clamd_are_never_clean(
     daemon.start()
     try:
         (dirs["uploads"] / "e.txt").write_bytes(b"could be anything")
-        (record,) = events.wait_for("file.unscannable", path="e.txt")
+        (_record,) = events.wait_for("file.unscannable", path="e.txt")
         assert len(events.named("file.retry", path="e.txt")) == 2
         assert scanner.calls == 3
         assert files_under(dirs["processed"]) == {}

@@ -170,6 +170,7 @@ class Daemon:
             logger.bind(event="watcher.scanning_disabled").warning(
                 "VIRUS_SCANNING_ENABLED=false: files are delivered WITHOUT scanning"
             )
+        self._report_definitions()
         for claim in self.staging.recover():
             self.queue.offer(claim, force=True)
         for n in range(workers):
@@ -222,6 +223,21 @@ class Daemon:
         except ClamdUnavailable as err:
             self.clamd.mark_down(str(err))
             return DEFAULT_WORKERS
+
+    def _report_definitions(self) -> None:
+        """Official databases put a version in VERSION's reply; custom-only sets don't."""
+        if not self.settings.scanning_enabled:
+            return
+        try:
+            version = self.scanner.version()
+        except ClamdUnavailable:
+            return
+        if "/" not in version:
+            logger.bind(event="definitions.test_only", clamd_version=version).error(
+                "clamd has no official virus definitions loaded: detection is TEST-ONLY"
+            )
+        else:
+            logger.bind(event="definitions.loaded", clamd_version=version).info("definitions")
 
     def _work(self) -> None:
         while not self.stop_event.is_set():

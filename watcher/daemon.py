@@ -19,6 +19,7 @@ from pathlib import Path
 from loguru import logger
 
 from watcher.clamav import ClamdScanner, Scanner
+from watcher.definitions import DefinitionsState, LoadedDefinitions
 from watcher.deliver import Deliverer
 from watcher.errors import ClamdUnavailable
 from watcher.intake import Intake
@@ -145,6 +146,7 @@ class Daemon:
             poll_interval_s=settings.poll_interval_s,
             skip_dirs=(settings.staging_root,),
         )
+        self.definitions = DefinitionsState()
         self.counts: Counter[str] = Counter()
         self.in_flight = 0
         self._count_lock = threading.Lock()
@@ -225,14 +227,16 @@ class Daemon:
             return DEFAULT_WORKERS
 
     def _report_definitions(self) -> None:
-        """Official databases put a version in VERSION's reply; custom-only sets don't."""
+        """Official databases put a version and date in VERSION's reply; custom-only sets don't."""
         if not self.settings.scanning_enabled:
             return
         try:
             version = self.scanner.version()
         except ClamdUnavailable:
             return
-        if "/" not in version:
+        loaded = LoadedDefinitions.parse(version)
+        self.definitions.update(loaded)
+        if not loaded.official:
             logger.bind(event="definitions.test_only", clamd_version=version).error(
                 "clamd has no official virus definitions loaded: detection is TEST-ONLY"
             )

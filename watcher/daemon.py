@@ -19,6 +19,7 @@ from pathlib import Path
 from loguru import logger
 
 from watcher.clamav import ClamdScanner, Scanner
+from watcher.definitions import DefinitionsState, LoadedDefinitions
 from watcher.deliver import Deliverer
 from watcher.errors import ClamdUnavailable
 from watcher.intake import Intake
@@ -65,6 +66,10 @@ class WorkQueue:
                 if now >= deadline:
                     return None
                 self._cond.wait(wake - now)
+
+    def has_room(self) -> bool:
+        """At most half full: worth sweeping for files whose hints did not fit."""
+        return len(self._heap) <= self.capacity // 2
 
     def __len__(self) -> int:
         return len(self._heap)
@@ -138,6 +143,7 @@ class Daemon:
         self.intake = Intake(
             settings.uploads_dir,
             self.queue.offer,
+            self.queue.has_room,
             ignore_patterns=settings.ignore_patterns,
             settle_s=settings.settle_s,
             sweep_interval_s=settings.sweep_interval_s,
@@ -145,6 +151,7 @@ class Daemon:
             poll_interval_s=settings.poll_interval_s,
             skip_dirs=(settings.staging_root,),
         )
+        self.definitions = DefinitionsState()
         self.counts: Counter[str] = Counter()
         self.in_flight = 0
         self._count_lock = threading.Lock()
@@ -170,6 +177,7 @@ class Daemon:
             logger.bind(event="watcher.scanning_disabled").warning(
                 "VIRUS_SCANNING_ENABLED=false: files are delivered WITHOUT scanning"
             )
+        self._report_definitions()
         for claim in self.staging.recover():
             self.queue.offer(claim, force=True)
         for n in range(workers):
@@ -222,6 +230,23 @@ class Daemon:
         except ClamdUnavailable as err:
             self.clamd.mark_down(str(err))
             return DEFAULT_WORKERS
+
+    def _report_definitions(self) -> None:
+        """Official databases put a version and date in VERSION's reply; custom-only sets don't."""
+        if not self.settings.scanning_enabled:
+            return
+        try:
+            version = self.scanner.version()
+        except ClamdUnavailable:
+            return
+        loaded = LoadedDefinitions.parse(version)
+        self.definitions.update(loaded)
+        if not loaded.official:
+            logger.bind(event="definitions.test_only", clamd_version=version).error(
+                "clamd has no official virus definitions loaded: detection is TEST-ONLY"
+            )
+        else:
+            logger.bind(event="definitions.loaded", clamd_version=version).info("definitions")
 
     def _work(self) -> None:
         while not self.stop_event.is_set():

@@ -1,18 +1,19 @@
 """Delivery: claimed files into processed (clean) or quarantine (infected, unscannable).
 
-Same filesystem: one ``renameat2(RENAME_NOREPLACE)``. Across filesystems: copy to a temp
-name in the destination directory, fsync, note the destination in the claim's record, rename
-into place without overwriting, fsync the directory, then unlink the claim. A crash between
-the last two steps is finished by `finish_interrupted` at the next start, never redone.
+Same filesystem: a hard link under the first free name, then unlink the claim. Across
+filesystems: copy to a temp name in the destination directory, fsync, rename into place
+without overwriting, fsync the directory, then unlink the claim. The destination is noted in
+the claim's record before the step that makes it visible, so a crash before the unlink is
+finished by `finish_interrupted` at the next start, never delivered twice.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -75,29 +76,36 @@ class Deliverer:
     def _move(
         self, claim: Claim, fd: int, directory: Path, name: Callable[[int], str], mode: int = 0o644
     ) -> Path:
+        """Give the claim the first free name in `directory`, then drop its staging name.
+
+        Same filesystem: a hard link, not a rename. A rename out of the watched uploads tree
+        makes watchdog hold every later event for 0.5 s, waiting for a matching MOVED_TO.
+        The destination is noted in the claim's record first, so a crash between link and
+        unlink is finished at the next start instead of delivering twice.
+        """
         same_fs = os.fstat(fd).st_dev == os.stat(directory).st_dev
         source = claim.data
         if not same_fs:
-            tmp = _tmp_name(directory, claim)
+            source = _tmp_name(directory, claim)
             self.staging.note_dest(claim, directory / name(0))
-            tmp.unlink(missing_ok=True)  # left by a crash before this attempt
-            copy_fd_to_new_file(fd, tmp, mode if mode == QUARANTINE_FILE_MODE else 0o600)
+            source.unlink(missing_ok=True)  # left by a crash before this attempt
+            copy_fd_to_new_file(fd, source, mode if mode == QUARANTINE_FILE_MODE else 0o600)
             if mode != QUARANTINE_FILE_MODE:
-                os.chmod(tmp, os.fstat(fd).st_mode & 0o777)
-            source = tmp
-        n = 0
-        while True:
+                os.chmod(source, os.fstat(fd).st_mode & 0o777)
+        for n in itertools.count():
             dest = directory / name(n)
-            if not same_fs and n:
+            if n or same_fs:
                 self.staging.note_dest(claim, dest)
             try:
-                rename_noreplace(source, dest, partial(self.staging.note_dest, claim, dest))
-                break
+                if same_fs:
+                    os.link(source, dest, follow_symlinks=False)
+                else:
+                    rename_noreplace(source, dest)
             except FileExistsError:
-                n += 1
+                continue
+            break
         fsync_dir(directory)
-        if not same_fs:
-            os.unlink(claim.data)
+        os.unlink(claim.data)
         return dest
 
 

@@ -135,6 +135,8 @@ class Staging:
                 shutil.rmtree(other, ignore_errors=True)
             finally:
                 os.close(lock_fd)
+        for stray in self.dir.glob(".*.tmp"):  # a record write cut short; its claim never ran
+            stray.unlink()
         for record in sorted(self.dir.glob(f"*{_RECORD}")):
             claim = self._load(record)
             if claim is not None:

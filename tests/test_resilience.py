@@ -1,0 +1,246 @@
+"""Outages, crashes and company: files wait, nothing is lost, nothing is delivered twice."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from support import (
+    EICAR,
+    Clamd,
+    DaemonProcess,
+    Events,
+    delivered_count,
+    files_under,
+    quarantined,
+    wait_until,
+)
+
+from watcher.daemon import Daemon
+from watcher.verdict import Clean, NotScanned, Verdict
+
+Start = Callable[..., Daemon]
+
+
+def corpus(n: int, seed: int = 7) -> dict[str, bytes]:
+    """Mixed clean and infected files with awkward names; infected ones end with EICAR."""
+    rng = random.Random(seed)
+    files = {}
+    for i in range(n):
+        name = f"d{i % 5}/file {i} ü.{rng.choice(['txt', 'bin', 'com'])}"
+        body = rng.randbytes(rng.randrange(10, 5000))
+        files[name] = body + EICAR if i % 7 == 0 else body
+    return files
+
+
+def drop(uploads: Path, files: dict[str, bytes]) -> None:
+    for name, body in files.items():
+        path = uploads / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(body)
+
+
+def assert_each_exactly_once(dirs: dict[str, Path], files: dict[str, bytes]) -> None:
+    clean = {k: v for k, v in files.items() if not v.endswith(EICAR)}
+    infected = {k: v for k, v in files.items() if v.endswith(EICAR)}
+    assert files_under(dirs["processed"]) == clean
+    records = quarantined(dirs["quarantine"])
+    assert sorted(r["original_path"] for r in records) == sorted(infected)
+    assert {r["original_path"]: r["bytes"] for r in records} == infected
+    assert files_under(dirs["uploads"]) == {}
+
+
+def test_clamd_down_files_wait_then_flow_when_it_returns(
+    make_settings: Callable[..., object], own_clamd: Clamd, dirs: dict[str, Path], events: Events
+) -> None:
+    daemon = Daemon(make_settings(clamav_socket=own_clamd.socket))  # type: ignore[arg-type]
+    daemon.start()
+    try:
+        (dirs["uploads"] / "before.txt").write_bytes(b"ok")
+        events.wait_for("file.clean", path="before.txt")
+        own_clamd.stop()
+        files = corpus(20)
+        drop(dirs["uploads"], files)
+        events.wait_for("clamd.down")
+        assert files_under(dirs["processed"]) == {"before.txt": b"ok"}
+        assert quarantined(dirs["quarantine"]) == []
+        own_clamd.start()
+        events.wait_for("clamd.up")
+        events.wait_for("file.clean", count=1 + sum(not v.endswith(EICAR) for v in files.values()))
+        events.wait_for("file.infected", count=sum(v.endswith(EICAR) for v in files.values()))
+        assert len(events.named("clamd.down")) == 1
+        files["before.txt"] = b"ok"
+        assert_each_exactly_once(dirs, files)
+    finally:
+        daemon.close()
+
+
+def test_clamd_frozen_past_the_scan_timeout_is_retried_never_passed(
+    make_settings: Callable[..., object], own_clamd: Clamd, dirs: dict[str, Path], events: Events
+) -> None:
+    settings = make_settings(clamav_socket=own_clamd.socket, scan_timeout_s=0.5, workers=2)
+    daemon = Daemon(settings)  # type: ignore[arg-type]
+    daemon.start()
+    try:
+        own_clamd.freeze()
+        (dirs["uploads"] / "frozen.com").write_bytes(EICAR)
+        (dirs["uploads"] / "frozen.txt").write_bytes(b"plain")
+        events.wait_for("file.retry", path="frozen.txt")
+        assert files_under(dirs["processed"]) == {}
+        own_clamd.thaw()
+        events.wait_for("file.infected", path="frozen.com")
+        events.wait_for("file.clean", path="frozen.txt")
+        assert_each_exactly_once(dirs, {"frozen.com": EICAR, "frozen.txt": b"plain"})
+    finally:
+        own_clamd.thaw()
+        daemon.close()
+
+
+@pytest.mark.parametrize("kill_after", [0, 5, 40])
+def test_sigkill_then_restart_loses_nothing_and_doubles_nothing(
+    dirs: dict[str, Path], subprocess_env: dict[str, str], kill_after: int
+) -> None:
+    files = corpus(120, seed=kill_after)
+    first = DaemonProcess(subprocess_env).start()
+    drop(dirs["uploads"], files)
+    if kill_after:
+        first.events.wait_for("file.clean", count=kill_after)
+    first.kill()
+    second = DaemonProcess(subprocess_env).start()
+    total = len(files)
+    wait_until(
+        lambda: delivered_count(dirs) >= total and files_under(dirs["uploads"]) == {},
+        60,
+        "every file delivered after the restart",
+    )
+    assert second.terminate() == 0
+    assert_each_exactly_once(dirs, files)
+
+
+def test_two_daemons_on_one_uploads_directory_take_each_file_once(
+    dirs: dict[str, Path], subprocess_env: dict[str, str]
+) -> None:
+    a = DaemonProcess(subprocess_env).start()
+    b = DaemonProcess(subprocess_env).start()
+    files = corpus(300, seed=2)
+    drop(dirs["uploads"], files)
+    wait_until(
+        lambda: delivered_count(dirs) >= len(files) and files_under(dirs["uploads"]) == {},
+        60,
+        "all files delivered",
+    )
+    assert a.terminate() == 0 and b.terminate() == 0
+    assert_each_exactly_once(dirs, files)
+    assert a.events.named("file.clean") and b.events.named("file.clean")  # both did work
+    assert not a.events.named("file.renamed") and not b.events.named("file.renamed")
+
+
+def test_delivery_across_filesystems_is_complete_and_atomic(
+    make_settings: Callable[..., object], dirs: dict[str, Path], events: Events, tmp_path: Path
+) -> None:
+    shm = Path("/dev/shm") / f"watcher-test-{os.getpid()}-{tmp_path.name}"
+    if os.stat("/dev/shm").st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("/dev/shm is on the same filesystem as the test directory")
+    try:
+        settings = make_settings(processed_dir=shm / "processed", quarantine_dir=shm / "q")
+        daemon = Daemon(settings)  # type: ignore[arg-type]
+        daemon.start()
+        files = corpus(40, seed=3)
+        drop(dirs["uploads"], files)
+        events.wait_for("file.clean", count=sum(not v.endswith(EICAR) for v in files.values()))
+        events.wait_for("file.infected", count=sum(v.endswith(EICAR) for v in files.values()))
+        daemon.close()
+        assert_each_exactly_once(
+            {"processed": shm / "processed", "quarantine": shm / "q", "uploads": dirs["uploads"]},
+            files,
+        )
+        assert not [p for p in (shm / "processed").rglob(".watcher-*")]
+        assert all(
+            (os.stat(shm / "q" / r["id"]).st_mode & 0o377) == 0 for r in quarantined(shm / "q")
+        )
+    finally:
+        import shutil
+
+        shutil.rmtree(shm, ignore_errors=True)
+
+
+def test_sigterm_stops_gracefully_with_exit_0(
+    dirs: dict[str, Path], subprocess_env: dict[str, str]
+) -> None:
+    daemon = DaemonProcess(subprocess_env).start()
+    (dirs["uploads"] / "x.txt").write_bytes(b"x")
+    daemon.events.wait_for("file.clean")
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGINT)
+    assert daemon.proc.wait(timeout=30) == 0
+    daemon.events.wait_for("watcher.stopping")
+    daemon.events.wait_for("watcher.stopped")
+
+
+class ScriptedScanner:
+    """The one faked seam: a scanner whose replies a test chooses."""
+
+    def __init__(self, verdicts: list[Verdict], on_scan: Callable[[int], None] | None = None):
+        self.verdicts = verdicts
+        self.on_scan = on_scan
+        self.calls = 0
+
+    def scan_fd(self, fd: int) -> Verdict:
+        self.calls += 1
+        if self.on_scan:
+            self.on_scan(fd)
+        return self.verdicts.pop(0) if self.verdicts else Clean()
+
+    def ping(self) -> None:
+        return None
+
+    def version(self) -> str:
+        return "ClamAV scripted"
+
+
+@pytest.mark.parametrize(
+    "reply", [NotScanned("clamd error: x ERROR", True), NotScanned("empty reply", True)]
+)
+def test_errors_from_clamd_are_never_clean(
+    make_settings: Callable[..., object], dirs: dict[str, Path], events: Events, reply: Verdict
+) -> None:
+    scanner = ScriptedScanner([reply] * 10)
+    daemon = Daemon(make_settings(max_scan_attempts=3, retry_max_backoff_s=0.05), scanner)  # type: ignore[arg-type]
+    daemon.start()
+    try:
+        (dirs["uploads"] / "e.txt").write_bytes(b"could be anything")
+        (_record,) = events.wait_for("file.unscannable", path="e.txt")
+        assert len(events.named("file.retry", path="e.txt")) == 2
+        assert scanner.calls == 3
+        assert files_under(dirs["processed"]) == {}
+        (meta,) = quarantined(dirs["quarantine"])
+        assert meta["verdict"] == "unscannable" and meta["reason"] == reply.reason  # type: ignore[union-attr]
+    finally:
+        daemon.close()
+
+
+def test_file_changed_during_scan_is_scanned_again(
+    make_settings: Callable[..., object], dirs: dict[str, Path], events: Events
+) -> None:
+    target = dirs["uploads"] / "grow.txt"
+
+    def append_once(fd: int) -> None:
+        if scanner.calls == 1:  # a writer still holding the file adds to it mid-scan
+            with open(f"/proc/self/fd/{fd}", "ab") as f:
+                f.write(b" and more")
+
+    scanner = ScriptedScanner([], append_once)
+    daemon = Daemon(make_settings(), scanner)  # type: ignore[arg-type]
+    daemon.start()
+    try:
+        target.write_bytes(b"start")
+        events.wait_for("file.clean", path="grow.txt")
+        assert scanner.calls == 2
+        assert events.named("file.changed")
+        assert (dirs["processed"] / "grow.txt").read_bytes() == b"start and more"
+    finally:
+        daemon.close()

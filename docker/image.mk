@@ -26,12 +26,14 @@ comma := ,
 
 .PHONY: image image-test lint-docker image-tools image-base
 
-# podman, buildah and debootstrap from Debian, installed only when missing.
+# podman, buildah, debootstrap (and ip, for the smoke test's network namespace) from Debian,
+# installed only when missing.
 image-tools:
 	@missing=""; \
 	command -v podman >/dev/null || missing="$$missing podman"; \
 	command -v buildah >/dev/null || missing="$$missing buildah"; \
 	command -v debootstrap >/dev/null || missing="$$missing debootstrap"; \
+	command -v ip >/dev/null || missing="$$missing iproute2"; \
 	if [ -n "$$missing" ]; then \
 		echo "image-tools: apt-get install$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \

@@ -254,4 +254,4 @@ kill -TERM "$pid"
 wait "$pid" || fail "exit status $? after SIGTERM (scanning disabled)"
 ok "VIRUS_SCANNING_ENABLED=false: no clamd, watcher.scanning_disabled logged, clean stop"
 
-say "$pass passed, 0 failed"
+say "all $pass checks passed"

@@ -18,6 +18,9 @@
 #   FRESHCLAM_RETRIES=3, FRESHCLAM_RETRY_DELAY=30 (seconds, doubled after each failure),
 #   FRESHCLAM_TIMEOUT=900         per attempt
 #   FRESHCLAM_CONFIG=/etc/clamav/freshclam.conf
+#   DEFINITIONS_FALLBACK=test     without official definitions: `test` runs with the bundled test
+#                                 signatures (logged loudly), `fail` exits so the restart policy
+#                                 tries the download again later (nothing is scanned meanwhile)
 #   CLAMD_START_TIMEOUT=300       seconds to wait for clamd to answer PING (official databases
 #                                 take ~30-60 s to load on 2 cores)
 set -euo pipefail
@@ -117,6 +120,10 @@ prepare_definitions() {
         log INFO definitions.ready "official ClamAV definitions present in $CLAMAV_DB"
         return 0
     fi
+    if [[ "${DEFINITIONS_FALLBACK:-test}" == fail ]]; then
+        log CRITICAL definitions.missing "no official definitions and DEFINITIONS_FALLBACK=fail: exiting"
+        exit 1
+    fi
     sigs=$(testsigs_dir) || true
     if [[ -z "$sigs" ]] || ! compgen -G "$sigs/watcher-test.*" >/dev/null; then
         log CRITICAL definitions.missing "no official definitions and no bundled test signatures: clamd cannot start"
@@ -182,7 +189,7 @@ shutdown() {
 main_run() {
     if [[ $(id -u) == 0 ]]; then
         fix_ownership
-        drop_privileges "$0" "$@"
+        drop_privileges "$0" run
     fi
     check_directories
     log INFO container.starting "watcher image starting as uid $(id -u)"

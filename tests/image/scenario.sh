@@ -99,7 +99,8 @@ pid=$!
 wait_for_log '"event": *"watcher.ready"' "$READY_TIMEOUT"
 ok "watcher.ready after $(($(date +%s) - t0))s"
 
-grep -q '"event": *"definitions.test_only"' "$log" || fail "no loud definitions.test_only line"
+grep -q '"event": *"definitions.test_only".*"source": *"entrypoint"' "$log" ||
+    fail "no loud definitions.test_only line from the entrypoint"
 grep -c 'definitions.download_failed' "$log" | grep -qx "$FRESHCLAM_RETRIES" ||
     fail "expected $FRESHCLAM_RETRIES failed freshclam attempts"
 ok "freshclam failed $FRESHCLAM_RETRIES times (mirror unreachable) and the test signatures were installed, loudly"
@@ -241,6 +242,16 @@ chown watcher:watcher "$processed"
 grep -q "\"event\": *\"container.directory_not_writable\".*$processed" "$log" ||
     fail "no container.directory_not_writable line naming $processed"
 ok "unwritable processed volume: exit 78 with a line naming it and the fix"
+
+# --- DEFINITIONS_FALLBACK=fail: no official definitions -> exit instead of test-only scanning ---
+log=$work/container5.log
+rc=0
+setpriv --reuid=1000 --regid=1000 --clear-groups env HOME=/var/lib/watcher DEFINITIONS_FALLBACK=fail \
+    FRESHCLAM_RETRIES=1 timeout 60 /usr/bin/tini -s -- /usr/local/bin/docker-entrypoint run >"$log" 2>&1 || rc=$?
+((rc == 1)) || fail "DEFINITIONS_FALLBACK=fail: exit $rc, expected 1"
+grep -q '"event": *"definitions.missing"' "$log" || fail "no definitions.missing line"
+grep -q '"event": *"watcher.ready"' "$log" && fail "DEFINITIONS_FALLBACK=fail started the watcher"
+ok "DEFINITIONS_FALLBACK=fail: exit 1 without official definitions, nothing started"
 
 # --- VIRUS_SCANNING_ENABLED=false: no clamd is started, the daemon says it delivers unscanned ------
 log=$work/container4.log

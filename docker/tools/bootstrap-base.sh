@@ -15,7 +15,7 @@ security_mirror=${DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-security}
 podman=${PODMAN:-podman}
 
 rootfs=$(mktemp -d /tmp/watcher-base.XXXXXX)
-trap 'rm -rf "$rootfs"' EXIT
+trap 'rm -rf "$rootfs" "$rootfs.log"' EXIT
 
 echo "bootstrap-base: debootstrap --variant=minbase $suite into $rootfs (about a minute)" >&2
 debootstrap --variant=minbase "$suite" "$rootfs" "$mirror" >"$rootfs.log" 2>&1 || {
@@ -60,6 +60,16 @@ Dir::Cache::srcpkgcache "";
 APT
 printf 'Acquire::Languages "none";\n' >"$rootfs/etc/apt/apt.conf.d/docker-no-languages"
 printf 'APT::AutoRemove::SuggestsImportant "false";\n' >"$rootfs/etc/apt/apt.conf.d/docker-autoremove-suggests"
+
+# debootstrap installs the point release; the official image also carries the updates and
+# security fixes published since. (The host's resolv.conf is still in place for this.)
+echo "bootstrap-base: apt-get upgrade from $suite-updates and $suite-security" >&2
+chroot "$rootfs" /bin/sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get upgrade -y -qq' \
+    >"$rootfs.log" 2>&1 || {
+    tail -n 30 "$rootfs.log" >&2
+    exit 1
+}
+rm -f "$rootfs.log"
 
 find "$rootfs/usr/share/doc" -mindepth 1 -not -name copyright -not -type d -delete 2>/dev/null || true
 find "$rootfs/usr/share/doc" -mindepth 1 -type d -empty -delete 2>/dev/null || true

@@ -22,9 +22,9 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 RUN python3 -m venv /opt/watcher
 
 WORKDIR /src
-# .dockerignore lets only pyproject.toml, README*, LICENSE* and watcher/ through.
+# .dockerignore lets only pyproject.toml, README*, LICENSE*, watcher/ and the docker/ configs through.
 COPY . /src
-# The dependencies' versions are pinned by pyproject.toml, not here.
+# The dependencies' versions are bounded in pyproject.toml, not here.
 # Behind a TLS-intercepting proxy, pass its CA bundle as a build secret (never a layer):
 #   --secret id=pip_ca,src=/etc/ssl/certs/ca-certificates.crt   (`make image` does this)
 # hadolint ignore=DL3013

@@ -44,19 +44,6 @@ drop_privileges() {
         env HOME="$(getent passwd "$RUN_AS" | cut -d: -f6)" "$@"
 }
 
-local_clamd_wanted() {
-    truthy "${VIRUS_SCANNING_ENABLED:-true}" || return 1
-    case "${START_CLAMD:-auto}" in
-        true | yes | 1) return 0 ;;
-        false | no | 0) return 1 ;;
-    esac
-    [[ -n "${CLAMAV_SOCKET:-}" ]] && return 0
-    case "${CLAMAV_HOST:-127.0.0.1}" in
-        127.0.0.1 | localhost | ::1) return 0 ;;
-    esac
-    return 1
-}
-
 # As root: create the directories and give them to the watcher user (only what is not already
 # its own, so a large uploads volume costs one pass of stat calls, not a rewrite).
 fix_ownership() {

@@ -19,6 +19,20 @@ truthy() {
     esac
 }
 
+# Whether this container runs its own clamd (see START_CLAMD in entrypoint.sh).
+local_clamd_wanted() {
+    truthy "${VIRUS_SCANNING_ENABLED:-true}" || return 1
+    case "${START_CLAMD:-auto}" in
+        true | yes | 1) return 0 ;;
+        false | no | 0) return 1 ;;
+    esac
+    [[ -n "${CLAMAV_SOCKET:-}" ]] && return 0
+    case "${CLAMAV_HOST:-127.0.0.1}" in
+        127.0.0.1 | localhost | ::1) return 0 ;;
+    esac
+    return 1
+}
+
 # Send PING to clamd (unix socket if CLAMAV_SOCKET is set, else CLAMAV_HOST:CLAMAV_PORT); true on PONG.
 clamd_ping() {
     python3 - <<'PY'

@@ -68,6 +68,10 @@ class WorkQueue:
                     return None
                 self._cond.wait(wake - now)
 
+    def has_room(self) -> bool:
+        """At most half full: worth sweeping for files whose hints did not fit."""
+        return len(self._heap) <= self.capacity // 2
+
     def __len__(self) -> int:
         return len(self._heap)
 
@@ -140,6 +144,7 @@ class Daemon:
         self.intake = Intake(
             settings.uploads_dir,
             self.queue.offer,
+            self.queue.has_room,
             ignore_patterns=settings.ignore_patterns,
             settle_s=settings.settle_s,
             sweep_interval_s=settings.sweep_interval_s,

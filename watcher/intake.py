@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -37,6 +38,7 @@ class Intake:
         self,
         uploads_dir: Path,
         offer: Offer,
+        has_room: Callable[[], bool],
         *,
         ignore_patterns: tuple[str, ...],
         settle_s: float,
@@ -47,6 +49,7 @@ class Intake:
     ) -> None:
         self.uploads_dir = uploads_dir
         self._offer = offer
+        self._has_room = has_room
         self._ignore = ignore_patterns
         self._settle_s = settle_s
         self._sweep_interval_s = sweep_interval_s
@@ -55,7 +58,8 @@ class Intake:
         self._skip = {str(p) for p in skip_dirs}
         self._pending: dict[str, tuple[int, int, float]] = {}
         self._cond = threading.Condition()
-        self._sweep_requests: list[Path] = []
+        self._sweep_requests: set[Path] = set()
+        self._overflowed = threading.Event()
         self._sweep_due = threading.Event()
         self._stopping = threading.Event()
         self._observer: BaseObserver | None = None
@@ -94,7 +98,7 @@ class Intake:
 
     def request_sweep(self, directory: Path | None = None) -> None:
         with self._cond:
-            self._sweep_requests.append(directory or self.uploads_dir)
+            self._sweep_requests.add(directory or self.uploads_dir)
         self._sweep_due.set()
 
     @property
@@ -129,7 +133,8 @@ class Intake:
         with self._cond:
             self._pending.pop(str(path), None)
         if not self._offer(path):
-            self.request_sweep()  # queue full: the file stays in uploads; a sweep finds it
+            self._overflowed.set()  # the file stays in uploads; a sweep finds it later
+            self._sweep_due.set()
 
     def _watch(self, path: Path) -> None:
         try:
@@ -173,15 +178,23 @@ class Intake:
         while not self._stopping.is_set():
             self._sweep_due.wait(self._sweep_interval_s)
             self._sweep_due.clear()
+            if self._overflowed.is_set():
+                # Hints were dropped: sweep once the queue has drained to half, not before,
+                # or we would walk the whole tree again for every file that did not fit.
+                while not self._has_room() and not self._stopping.wait(0.1):
+                    pass
+                self._overflowed.clear()
+                self.request_sweep()
+                self._sweep_due.clear()
             if self._stopping.is_set():
                 return
             with self._cond:
-                requests, self._sweep_requests = self._sweep_requests, []
-            roots = requests or [self.uploads_dir]
-            if self.uploads_dir in roots:
+                requests, self._sweep_requests = self._sweep_requests, set()
+            roots = sorted(requests) if requests else [self.uploads_dir]
+            if self.uploads_dir in requests:
                 roots = [self.uploads_dir]
             try:
-                for root in dict.fromkeys(roots):
+                for root in roots:
                     self._sweep(root)
             except Exception:
                 logger.bind(event="intake.sweep_failed").exception("sweep failed")
@@ -190,15 +203,16 @@ class Intake:
         found = 0
         now_ns = time.time_ns()
         for path, st in self._walk(root):
+            if self._overflowed.is_set():
+                break  # the queue is full: the rest waits for the next sweep
             found += 1
             if str(path) in self._pending:
                 continue
-            if not os.path.isfile(path) or os.path.islink(path):
+            if not stat.S_ISREG(st.st_mode):
                 self._ready(path)  # the pipeline rejects it (once, loudly)
-            elif now_ns - st.st_mtime_ns >= self._settle_s * 1e9:
-                self.hint(path, complete=True)
             else:
-                self.hint(path, complete=False)
+                complete = now_ns - st.st_mtime_ns >= self._settle_s * 1e9
+                self.hint(path, complete=complete)
         self.sweeps += 1
         logger.bind(event="intake.swept", root=str(root), files=found).debug("swept")
 

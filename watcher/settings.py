@@ -5,6 +5,7 @@ Built once by the CLI (`load_settings`) and passed down; nothing here runs at im
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -15,6 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, BeforeValidator, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -93,7 +95,7 @@ class Settings(BaseSettings):
     poll_interval_s: Seconds = 2.0
     settle_s: Seconds = 2.0
     sweep_interval_s: Seconds = 60.0
-    ignore_patterns: tuple[str, ...] = DEFAULT_IGNORE
+    ignore_patterns: Annotated[tuple[str, ...], NoDecode] = DEFAULT_IGNORE
     max_file_bytes: Bytes = 100 * 1024 * 1024
     unscannable_policy: Literal["quarantine", "hold"] = "quarantine"
     scan_timeout_s: Seconds = 120.0
@@ -105,8 +107,10 @@ class Settings(BaseSettings):
     @field_validator("ignore_patterns", mode="before")
     @classmethod
     def _split_patterns(cls, value: Any) -> Any:
-        # Accept a comma-separated env value as well as JSON / TOML lists.
-        if isinstance(value, str) and not value.lstrip().startswith("["):
+        # From the environment: a JSON list or comma-separated globs. From TOML: a list.
+        if isinstance(value, str):
+            if value.lstrip().startswith("["):
+                return json.loads(value)
             return tuple(p.strip() for p in value.split(",") if p.strip())
         return value
 

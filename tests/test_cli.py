@@ -1,0 +1,80 @@
+"""`watcher scan`, `--version`, `--help`: clamscan's exit codes on a real clamd."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from support import EICAR, TESTFILES, Clamd
+
+from watcher import __version__
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def watcher(*args: str, clamd: Clamd | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if clamd is not None:
+        env["CLAMAV_SOCKET"] = str(clamd.socket)
+    return subprocess.run(
+        [sys.executable, "-m", "watcher", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_scan_all_clean_exits_0(tmp_path: Path, clamd_server: Clamd) -> None:
+    (tmp_path / "a.txt").write_bytes(b"fine")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.txt").write_bytes(b"also fine")
+    result = watcher("scan", str(tmp_path), clamd=clamd_server)
+    assert result.returncode == 0, result.stderr
+    assert sorted(result.stdout.splitlines()) == [
+        f"{tmp_path}/a.txt: OK",
+        f"{tmp_path}/sub/b.txt: OK",
+    ]
+    assert (tmp_path / "a.txt").exists()  # scan moves nothing
+
+
+def test_scan_something_infected_exits_1(tmp_path: Path, clamd_server: Clamd) -> None:
+    (tmp_path / "ok.txt").write_bytes(b"fine")
+    (tmp_path / "bad.com").write_bytes(EICAR)
+    result = watcher(
+        "scan",
+        str(tmp_path / "ok.txt"),
+        str(tmp_path / "bad.com"),
+        str(TESTFILES / "clam.zip"),
+        clamd=clamd_server,
+    )
+    assert result.returncode == 1
+    found = [line for line in result.stdout.splitlines() if line.endswith(" FOUND")]
+    assert len(found) == 2
+
+
+def test_scan_errors_exit_2_and_never_say_ok(tmp_path: Path, clamd_server: Clamd) -> None:
+    (tmp_path / "bad.com").write_bytes(EICAR)
+    (tmp_path / "link").symlink_to(tmp_path / "bad.com")
+    result = watcher("scan", str(tmp_path / "link"), str(tmp_path / "missing"), clamd=clamd_server)
+    assert result.returncode == 2
+    assert all(line.endswith("ERROR") for line in result.stdout.splitlines())
+
+
+def test_scan_with_clamd_unreachable_exits_2(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_bytes(b"fine")
+    env_socket = tmp_path / "nothing.sock"
+    result = subprocess.run(
+        [sys.executable, "-m", "watcher", "scan", str(tmp_path / "a.txt")],
+        env={**os.environ, "PYTHONPATH": str(ROOT), "CLAMAV_SOCKET": str(env_socket)},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2 and "ERROR" in result.stdout and ": OK" not in result.stdout
+
+
+def test_version_and_help() -> None:
+    assert watcher("--version").stdout.strip() == f"watcher {__version__}"
+    help_text = watcher("--help").stdout
+    assert "run" in help_text and "scan" in help_text

@@ -1,0 +1,126 @@
+"""Configuration: environment over file, seed names, one clear line and exit 2 when wrong."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from watcher.errors import ConfigError
+from watcher.settings import load_settings, parse_duration_s, parse_size_bytes
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_watcher(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    clean_env = {k: v for k, v in os.environ.items() if not k.startswith(("WATCHER_", "CLAMAV_"))}
+    return subprocess.run(
+        [sys.executable, "-m", "watcher", *args],
+        env={**clean_env, "PYTHONPATH": str(ROOT), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.fixture(autouse=True)
+def _no_watcher_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in list(os.environ):
+        if key.startswith(("WATCHER_", "CLAMAV_")) or key == "VIRUS_SCANNING_ENABLED":
+            monkeypatch.delenv(key)
+
+
+def test_defaults_suit_the_container() -> None:
+    s = load_settings()
+    assert s.uploads_dir == Path("/data/uploads") and s.processed_dir == Path("/data/processed")
+    assert s.quarantine_dir == Path("/data/quarantine")
+    assert (s.clamav_host, s.clamav_port, s.clamav_socket) == ("127.0.0.1", 3310, None)
+    assert s.scanning_enabled is True and s.log_format == "json" and s.log_level == "INFO"
+
+
+def test_seed_names_without_prefix_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLAMAV_HOST", "clamav")
+    monkeypatch.setenv("CLAMAV_PORT", "3311")
+    monkeypatch.setenv("VIRUS_SCANNING_ENABLED", "false")
+    monkeypatch.setenv("CLAMAV_SOCKET", "/run/clamd.sock")
+    s = load_settings()
+    assert (s.clamav_host, s.clamav_port, s.scanning_enabled) == ("clamav", 3311, False)
+    assert s.clamav_socket == Path("/run/clamd.sock")
+
+
+def test_toml_file_is_read_and_environment_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "watcher.toml"
+    config.write_text(
+        'uploads_dir = "/srv/in"\nsettle_s = "5s"\nmax_file_bytes = "2M"\n'
+        'ignore_patterns = ["*.part"]\nclamav_port = 4000\n'
+    )
+    monkeypatch.setenv("WATCHER_CONFIG", str(config))
+    monkeypatch.setenv("WATCHER_SETTLE_S", "750ms")
+    s = load_settings()
+    assert s.uploads_dir == Path("/srv/in") and s.clamav_port == 4000
+    assert s.settle_s == 0.75 and s.max_file_bytes == 2 * 1024 * 1024
+    assert s.ignore_patterns == ("*.part",)
+
+
+def test_shipped_example_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WATCHER_CONFIG", str(ROOT / "config" / "watcher.toml"))
+    s = load_settings()
+    assert s.settle_s == 2.0 and s.max_file_bytes == 100 * 1024 * 1024
+
+
+def test_missing_named_config_file_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WATCHER_CONFIG", "/nonexistent/watcher.toml")
+    with pytest.raises(ConfigError, match="WATCHER_CONFIG"):
+        load_settings()
+
+
+def test_comma_separated_ignore_patterns(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WATCHER_IGNORE_PATTERNS", "*.part, *.uploading")
+    assert load_settings().ignore_patterns == ("*.part", "*.uploading")
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"CLAMAV_PORT": "not-a-port"}, "CLAMAV_PORT"),
+        ({"WATCHER_SETTLE_S": "soon"}, "WATCHER_SETTLE_S"),
+        ({"WATCHER_LOG_FORMAT": "xml"}, "WATCHER_LOG_FORMAT"),
+        ({"WATCHER_MAX_FILE_BYTES": "-5"}, "WATCHER_MAX_FILE_BYTES"),
+        ({"WATCHER_CONFIG": "/nonexistent.toml"}, "WATCHER_CONFIG"),
+    ],
+)
+def test_invalid_configuration_exits_2_with_one_line_naming_it(
+    env: dict[str, str], named: str
+) -> None:
+    result = run_watcher("run", env=env)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and named in lines[0] and "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_broken_toml_exits_2(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("uploads_dir = [unclosed\n")
+    result = run_watcher("run", env={"WATCHER_CONFIG": str(bad)})
+    assert result.returncode == 2 and "invalid configuration" in result.stderr
+
+
+def test_duration_and_size_parsing() -> None:
+    assert parse_duration_s("90m") == 5400 and parse_duration_s("4h") == 14400
+    assert parse_duration_s("30d") == 30 * 86400 and parse_duration_s("250ms") == 0.25
+    assert parse_duration_s("12") == 12
+    assert parse_size_bytes("100M") == 100 * 1024**2 and parse_size_bytes("2GiB") == 2 * 1024**3
+    assert parse_size_bytes("512") == 512
+    with pytest.raises(ValueError):
+        parse_duration_s("4 weeks")
+
+
+def test_json_ignore_patterns(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WATCHER_IGNORE_PATTERNS", '["*.a", "b*"]')
+    assert load_settings().ignore_patterns == ("*.a", "b*")

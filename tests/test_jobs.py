@@ -353,3 +353,28 @@ def _scan_bytes(clamd: Clamd, data: bytes) -> Verdict:
         return clamd.scanner.scan_fd(fd)
     finally:
         os.close(fd)
+
+
+def test_a_reload_left_pending_by_a_crash_is_finished_at_the_next_tick(
+    make_settings: MakeSettings, own_clamd: Clamd, dirs: dict[str, Path], events: Events
+) -> None:
+    marker = new_marker()
+    settings = make_settings(
+        clamav_socket=own_clamd.socket, definitions_dir=own_clamd.db, update_command="false"
+    )
+    jobs = Jobs(settings, scanner_from_settings(settings), DefinitionsState())
+    served = _delivered(jobs, dirs["processed"] / "served.txt", b"<" + marker + b">")
+    # freshclam had installed a signature, then the daemon died before clamd reloaded.
+    (own_clamd.db / "new.ndb").write_text(f"Watcher.Test.Crash:0:*:{marker.hex()}\n")
+    dirs["state"].mkdir(exist_ok=True)
+    now = datetime.now(UTC)
+    (dirs["state"] / "updates.json").write_text(
+        json.dumps({"last_attempt_at": now.isoformat(), "pending": "reload"})
+    )
+
+    assert jobs.updater.tick(now) is Outcome.NOT_DUE  # no new download, but the reload happens
+    (updated,) = events.named("definitions.updated")
+    assert updated["reload_confirmed"] is True
+    (late,) = events.named("file.infected_late")
+    assert late["path"] == "served.txt" and not served.exists()
+    assert jobs.updater.load_state().pending is None

@@ -27,6 +27,7 @@ from watcher.jobs import Jobs
 from watcher.retention import Item, Reason, Retention, plan_purge
 from watcher.settings import Settings, load_settings
 from watcher.updates import (
+    Outcome,
     UpdateState,
     failure_cause,
     next_attempt_at,
@@ -294,3 +295,37 @@ def test_a_new_daily_version_loaded_outside_watcher_triggers_a_rescan(
     assert not target.exists()
     (meta,) = quarantined(dirs["quarantine"])
     assert meta["bytes"] == b"a MARKER b" and meta["detected_late"] is True
+
+
+class _StuckClamd(_VersionedScanner):
+    """clamd that answers but never loads anything new."""
+
+    reloads = 0
+
+    def reload(self) -> str:
+        self.reloads += 1
+        return "RELOADING"
+
+
+def test_a_reload_that_never_completes_fails_and_backs_off(
+    make_settings: Callable[..., Settings], tmp_path: Path, events: Events
+) -> None:
+    db = tmp_path / "db"
+    db.mkdir()
+    (db / "local.ndb").write_text("")
+    script = tmp_path / "fake-freshclam"
+    script.write_text(f"#!/bin/sh\necho x >> {db}/local.ndb\n")  # changes the definitions
+    script.chmod(0o755)
+    settings = make_settings(definitions_dir=db, update_command=str(script))
+    clamd = _StuckClamd(b"never")
+    jobs = Jobs(settings, clamd, DefinitionsState())
+    jobs.updater.reload_timeout_s = 0.2
+
+    assert jobs.updater.tick(T0) is Outcome.FAILED
+    (failed,) = events.named("definitions.update_failed")
+    assert failed["cause"] == "reload_timeout" and failed["failures"] == 1
+    assert jobs.updater.load_state().pending == "reload"
+    assert (db / "watcher-canary.ndb").exists()
+    reloads = clamd.reloads
+    assert jobs.updater.tick(T0 + timedelta(minutes=5)) is Outcome.NOT_DUE
+    assert clamd.reloads == reloads  # not hammered every tick

@@ -30,6 +30,7 @@ from watcher.definitions import (
     Freshness,
     LoadedDefinitions,
     StalenessTracker,
+    database_files,
     definitions_age_s,
     newest_file_time,
 )
@@ -93,6 +94,10 @@ class Jobs:
                 ).warning("the ClamAV mirrors rate-limit checks more often than hourly")
         if s.scanning_enabled:
             self._add(self.check_definitions, "check-definitions", TICK_S, now)
+            if not database_files(s.definitions_dir):
+                logger.bind(event="definitions.dir_empty", path=str(s.definitions_dir)).warning(
+                    "WATCHER_DEFINITIONS_DIR holds no definition files: is it clamd's?"
+                )
         self._add(self.purge_quarantine, "purge-quarantine", 86400.0, now + timedelta(minutes=1))
         self._add(self.prune_deliveries, "prune-deliveries", 3600.0, now + timedelta(hours=1))
         self.scheduler.add_listener(self._on_failure, EVENT_JOB_ERROR | EVENT_JOB_MISSED)

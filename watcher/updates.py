@@ -43,6 +43,7 @@ from watcher.definitions import (
     CANARY_NAME,
     DefinitionsState,
     LoadedDefinitions,
+    database_files,
     fingerprint,
 )
 from watcher.errors import ClamdUnavailable
@@ -227,11 +228,11 @@ class Updater:
             if not held:
                 return Outcome.BUSY
             state = self.load_state()
-            self._finish_pending(state, now)
-            due = next_attempt_at(state, self.interval_s, self._freshclam_ran_at())
-            if due is not None and now < due:
-                return Outcome.NOT_DUE
-            return self._update(state, now)
+            due_at = next_attempt_at(state, self.interval_s, self._freshclam_ran_at())
+            due = due_at is None or now >= due_at
+            if due or state.last_cause != "reload_timeout":  # a slow reload waits its turn
+                self._finish_pending(state, now)
+            return self._update(state, now) if due else Outcome.NOT_DUE
 
     def update_now(self, now: datetime) -> Outcome:
         """`watcher update-definitions`: the same steps, now, waiting for a running update."""
@@ -256,6 +257,7 @@ class Updater:
     def _update(self, state: UpdateState, now: datetime) -> Outcome:
         before = fingerprint(self.definitions_dir)
         before_version = self._version_or_none()
+        left_over = state.pending  # a reload that failed before still has to happen
         state.last_attempt_at = now
         state.pending = "reload"  # until we know nothing changed: a crash then reloads
         self._save(state)
@@ -273,7 +275,7 @@ class Updater:
             state.last_cause = result.cause
             self._log_failure(state, result.cause or "", result)
         if not changed:
-            state.pending = None
+            state.pending = left_over
             self._save(state)
             if result.ok:
                 self.definitions.record_update(now, None)
@@ -306,6 +308,10 @@ class Updater:
             version, confirmed = self._reload_clamd(before, notified)
         except (ClamdUnavailable, TimeoutError) as err:
             cause = "reload_timeout" if isinstance(err, TimeoutError) else "clamd_unavailable"
+            cause = "interrupted" if self.stop.is_set() else cause
+            if cause == "reload_timeout":  # clamd answers but won't load them: back off
+                state.failures, state.last_cause = state.failures + 1, cause
+                self._save(state)
             self._log_failure(state, cause, CommandResult(0, [str(err)], cause))
             return None
         loaded = LoadedDefinitions.parse(version)
@@ -367,6 +373,8 @@ class Updater:
             delay = min(delay * 2, 1.0)
 
     def _write_canary(self) -> bytes | None:
+        if not database_files(self.definitions_dir):
+            return None  # not clamd's database directory: clamd would never load the canary
         token = f"WATCHER-RELOAD-CANARY-{secrets.token_hex(16)}".encode()
         line = f"Watcher.Reload.Canary:0:*:{token.hex()}\n".encode()
         try:  # via a hidden temp name: clamd never loads half a file

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shlex
 import shutil
 import subprocess
 import sys
@@ -224,7 +225,7 @@ def test_a_job_that_raises_is_logged_and_keeps_its_schedule(
 def test_shutdown_stops_a_running_update_within_the_grace_time(
     make_settings: MakeSettings, events: Events, tmp_path: Path
 ) -> None:
-    sleeper = f"{sys.executable} -c 'import time; time.sleep(60)'"
+    sleeper = f"{shlex.quote(sys.executable)} -c 'import time; time.sleep(60)'"
     settings = make_settings(update_command=sleeper, definitions_dir=tmp_path)
     jobs = Jobs(settings, scanner_from_settings(settings), DefinitionsState())
     jobs.start()

@@ -24,7 +24,7 @@ from watcher.definitions import DefinitionsState
 from watcher.deliveries import Delivery
 from watcher.jobs import Jobs
 from watcher.settings import Settings
-from watcher.updates import Outcome
+from watcher.updates import UpdateOutcome
 from watcher.verdict import Infected, Verdict
 
 MakeSettings = Callable[..., Settings]
@@ -145,8 +145,8 @@ def test_failed_update_is_reported_with_its_cause_and_keeps_its_schedule(
     assert job is not None and job.next_run_time > datetime.now(UTC)
     assert jobs.definitions.last_update[1] == cause
     # Once the job has let go of the lock, running it again does nothing: no hammering.
-    again = wait_until(lambda: (o := jobs.update_definitions()) is not Outcome.BUSY and o)
-    assert again is Outcome.NOT_DUE
+    again = wait_until(lambda: (o := jobs.update_definitions()) is not UpdateOutcome.BUSY and o)
+    assert again is UpdateOutcome.NOT_DUE
     assert len(events.named("definitions.update_failed")) == 1
     assert events.named("definitions.updated") == []
 
@@ -373,7 +373,8 @@ def test_a_reload_left_pending_by_a_crash_is_finished_at_the_next_tick(
         json.dumps({"last_attempt_at": now.isoformat(), "pending": "reload"})
     )
 
-    assert jobs.updater.tick(now) is Outcome.NOT_DUE  # no new download, but the reload happens
+    # Not due for a download, but the reload left over happens, and the rescan after it.
+    assert jobs.updater.tick(now) is UpdateOutcome.NOT_DUE
     (updated,) = events.named("definitions.updated")
     assert updated["reload_confirmed"] is True
     (late,) = events.named("file.infected_late")

@@ -27,7 +27,7 @@ from watcher.jobs import Jobs
 from watcher.retention import Item, Reason, Retention, plan_purge
 from watcher.settings import Settings, load_settings
 from watcher.updates import (
-    Outcome,
+    UpdateOutcome,
     UpdateState,
     failure_cause,
     next_attempt_at,
@@ -321,11 +321,11 @@ def test_a_reload_that_never_completes_fails_and_backs_off(
     jobs = Jobs(settings, clamd, DefinitionsState())
     jobs.updater.reload_timeout_s = 0.2
 
-    assert jobs.updater.tick(T0) is Outcome.FAILED
+    assert jobs.updater.tick(T0) is UpdateOutcome.FAILED
     (failed,) = events.named("definitions.update_failed")
     assert failed["cause"] == "reload_timeout" and failed["failures"] == 1
     assert jobs.updater.load_state().pending == "reload"
     assert (db / "watcher-canary.ndb").exists()
     reloads = clamd.reloads
-    assert jobs.updater.tick(T0 + timedelta(minutes=5)) is Outcome.NOT_DUE
+    assert jobs.updater.tick(T0 + timedelta(minutes=5)) is UpdateOutcome.NOT_DUE
     assert clamd.reloads == reloads  # not hammered every tick

@@ -39,7 +39,7 @@ from watcher.errors import ClamdUnavailable
 from watcher.rescan import Rescanner
 from watcher.retention import Retention
 from watcher.settings import Settings
-from watcher.updates import ClamdControl, Outcome, Updater
+from watcher.updates import ClamdControl, UpdateOutcome, Updater
 
 TICK_S = 300.0
 MISFIRE_GRACE_S = 300
@@ -140,7 +140,7 @@ class Jobs:
 
     # -- the jobs -----------------------------------------------------------------------
 
-    def update_definitions(self) -> Outcome:
+    def update_definitions(self) -> UpdateOutcome:
         return self.updater.tick(datetime.now(UTC))
 
     def check_definitions(self, now: datetime | None = None) -> None:
@@ -196,7 +196,7 @@ def update_definitions_once(settings: Settings, scanner: Scanner) -> int:
         return EXIT_FAILED
     jobs = Jobs(settings, scanner, DefinitionsState())
     outcome = jobs.updater.update_now(datetime.now(UTC))
-    return EXIT_OK if outcome in (Outcome.UPDATED, Outcome.CURRENT) else EXIT_FAILED
+    return EXIT_OK if outcome in (UpdateOutcome.UPDATED, UpdateOutcome.CURRENT) else EXIT_FAILED
 
 
 def purge_quarantine_once(settings: Settings, dry_run: bool) -> int:

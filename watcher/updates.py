@@ -71,7 +71,7 @@ _NOTIFIED = "Clamd successfully notified"
 Pending = Literal["reload", "rescan"]
 
 
-class Outcome(enum.StrEnum):
+class UpdateOutcome(enum.StrEnum):
     UPDATED = "updated"
     CURRENT = "current"
     FAILED = "failed"
@@ -222,19 +222,19 @@ class Updater:
 
     # -- entry points -------------------------------------------------------------------
 
-    def tick(self, now: datetime) -> Outcome:
+    def tick(self, now: datetime) -> UpdateOutcome:
         """Scheduled: finish what a previous run left, then update if due."""
         with self._locked(wait=False) as held:
             if not held:
-                return Outcome.BUSY
+                return UpdateOutcome.BUSY
             state = self.load_state()
             due_at = next_attempt_at(state, self.interval_s, self._freshclam_ran_at())
             due = due_at is None or now >= due_at
             if due or state.last_cause != "reload_timeout":  # a slow reload waits its turn
                 self._finish_pending(state, now)
-            return self._update(state, now) if due else Outcome.NOT_DUE
+            return self._update(state, now) if due else UpdateOutcome.NOT_DUE
 
-    def update_now(self, now: datetime) -> Outcome:
+    def update_now(self, now: datetime) -> UpdateOutcome:
         """`watcher update-definitions`: the same steps, now, waiting for a running update."""
         with self._locked(wait=True):
             state = self.load_state()
@@ -254,7 +254,7 @@ class Updater:
 
     # -- steps --------------------------------------------------------------------------
 
-    def _update(self, state: UpdateState, now: datetime) -> Outcome:
+    def _update(self, state: UpdateState, now: datetime) -> UpdateOutcome:
         before = fingerprint(self.definitions_dir)
         before_version = self._version_or_none()
         left_over = state.pending  # a reload that failed before still has to happen
@@ -283,13 +283,13 @@ class Updater:
                     event="definitions.current", clamd_version=before_version,
                     duration_s=round(time.monotonic() - started, 3),
                 ).info("definitions are up to date")  # fmt: skip
-            return Outcome.CURRENT if result.ok else Outcome.FAILED
+            return UpdateOutcome.CURRENT if result.ok else UpdateOutcome.FAILED
         self._save(state)
         notified = any(_NOTIFIED in line for line in result.output)
         loaded = self._reload(before_version, notified, databases, state)
         if loaded is not None:
             self._rescan(state, now)
-        return Outcome.UPDATED if result.ok and loaded is not None else Outcome.FAILED
+        return UpdateOutcome.UPDATED if result.ok and loaded is not None else UpdateOutcome.FAILED
 
     def _finish_pending(self, state: UpdateState, now: datetime) -> None:
         if state.pending == "reload" and self._reload(None, False, {}, state) is None:

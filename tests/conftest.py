@@ -62,6 +62,8 @@ def make_settings(dirs: dict[str, Path], clamd_server: Clamd) -> Callable[..., S
             "settle_s": 0.3,
             "sweep_interval_s": 30,
             "shutdown_grace_s": 10,
+            "update_command": "",  # never freshclam against the real mirrors from a test
+            "definitions_dir": clamd_server.db,
         }
         values.update(overrides)
         return Settings(**values)
@@ -96,6 +98,8 @@ def subprocess_env(dirs: dict[str, Path], clamd_server: Clamd) -> dict[str, str]
         "WATCHER_STATE_DIR": str(dirs["state"]),
         "CLAMAV_SOCKET": str(clamd_server.socket),
         "WATCHER_SETTLE_S": "0.3",
+        "WATCHER_UPDATE_COMMAND": "",
+        "WATCHER_DEFINITIONS_DIR": str(clamd_server.db),
         "PYTHONPATH": os.pathsep.join(
             [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")]
         ),

@@ -13,6 +13,7 @@ from watcher import __version__
 from watcher.daemon import Daemon, scanner_from_settings
 from watcher.errors import ClamdUnavailable, ConfigError
 from watcher.fsops import OPEN_UPLOAD_FLAGS
+from watcher.jobs import purge_quarantine_once, update_definitions_once
 from watcher.logs import configure_logging
 from watcher.settings import Settings, load_settings
 from watcher.verdict import Clean, Infected, NotScanned, Verdict
@@ -29,7 +30,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"watcher: {err}", file=sys.stderr)
         return EXIT_ERROR
     configure_logging(settings.log_format, settings.log_level)
-    handler = {"run": _run, "scan": _scan}[args.command]
+    handler = {
+        "run": _run,
+        "scan": _scan,
+        "update-definitions": _update_definitions,
+        "purge-quarantine": _purge_quarantine,
+    }[args.command]
     return handler(settings, args)
 
 
@@ -45,11 +51,25 @@ def _parser() -> argparse.ArgumentParser:
         "scan", help="scan files or directories once; exit 0 clean, 1 infected, 2 errors"
     )
     scan.add_argument("paths", nargs="+", type=Path)
+    commands.add_parser(
+        "update-definitions",
+        help="run the definitions update once (update command, RELOAD, rescan); exit 0, 2 failed",
+    )
+    purge = commands.add_parser("purge-quarantine", help="apply quarantine retention once")
+    purge.add_argument("--dry-run", action="store_true", help="only list what would go")
     return parser
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:
     return Daemon(settings).run()
+
+
+def _update_definitions(settings: Settings, args: argparse.Namespace) -> int:
+    return update_definitions_once(settings, scanner_from_settings(settings))
+
+
+def _purge_quarantine(settings: Settings, args: argparse.Namespace) -> int:
+    return purge_quarantine_once(settings, args.dry_run)
 
 
 def _scan(settings: Settings, args: argparse.Namespace) -> int:

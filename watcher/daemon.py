@@ -23,6 +23,7 @@ from watcher.definitions import DefinitionsState, LoadedDefinitions
 from watcher.deliver import Deliverer
 from watcher.errors import ClamdUnavailable
 from watcher.intake import Intake
+from watcher.jobs import Jobs
 from watcher.pipeline import Outcome, Pipeline, PipelineConfig, Result, RetryCause
 from watcher.settings import Settings
 from watcher.staging import Claim, Staging
@@ -159,6 +160,10 @@ class Daemon:
         self._storage_full = False
         self._listeners: list[Callable[[Result], None]] = []
         self._closed = False
+        self.jobs = Jobs(
+            settings, self.scanner, self.definitions, self.pipeline.forget_clamd_version
+        )
+        self.add_listener(self.jobs.deliveries.record)
 
     def add_listener(self, listener: Callable[[Result], None]) -> None:
         """Called with every final result (used by metrics, the verdict API, the jobs)."""
@@ -188,6 +193,7 @@ class Daemon:
             thread.start()
             self._workers.append(thread)
         self.intake.start()
+        self.jobs.start()
         logger.bind(
             event="watcher.ready", uploads=str(s.uploads_dir), processed=str(s.processed_dir),
             quarantine=str(s.quarantine_dir), workers=workers, observer=s.observer,
@@ -207,6 +213,7 @@ class Daemon:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
         unfinished = sum(t.is_alive() for t in self._workers)
         self.deliverer.close()
+        self.jobs.shutdown(max(1.0, deadline - time.monotonic()))
         self.staging.close()
         logger.bind(event="watcher.stopped", unfinished=unfinished).info("stopped")
 

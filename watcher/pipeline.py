@@ -264,6 +264,10 @@ class Pipeline:
             "clamd_version": self._version(),
         }
 
+    def forget_clamd_version(self) -> None:
+        """clamd loaded new definitions: the next quarantine record asks VERSION again."""
+        self._clamd_version = None
+
     def _version(self) -> str | None:
         if self._clamd_version is None:
             try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -132,6 +133,27 @@ class Settings(BaseSettings):
     def staging_root(self) -> Path:
         """Private claim area: on the uploads filesystem so a claim is a rename."""
         return self.uploads_dir / ".watcher"
+
+    # Scheduled jobs (docs/jobs.md). Durations accept "90m", "4h", "30d"; sizes "100M", "2G".
+    update_interval: Seconds = 4 * 3600.0  # the ClamAV mirrors rate-limit: keep >= 1h
+    update_command: str = "freshclam --config-file=/etc/clamav/freshclam.conf"  # "": no updates
+    update_timeout: Seconds = 900.0
+    definitions_dir: Path = Path("/var/lib/clamav")  # clamd's DatabaseDirectory
+    definitions_max_age: Seconds = 48 * 3600.0
+    rescan_window: Seconds = 24 * 3600.0
+    quarantine_retention: Seconds = 30 * 86400.0
+    quarantine_max_bytes: Bytes | None = None  # None: no size cap, only the retention
+
+    @field_validator("update_command")
+    @classmethod
+    def _split_command(cls, value: str) -> str:
+        shlex.split(value)  # unbalanced quotes: a ValueError naming WATCHER_UPDATE_COMMAND
+        return value
+
+    @property
+    def update_argv(self) -> list[str]:
+        """The update command split shell-style; it is never run through a shell."""
+        return shlex.split(self.update_command)
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -9,9 +9,9 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from watcher import __version__
+from watcher import __version__, opscli
 from watcher.daemon import Daemon, scanner_from_settings
-from watcher.errors import ClamdUnavailable, ConfigError
+from watcher.errors import ClamdUnavailable, ConfigError, WatcherError
 from watcher.fsops import OPEN_UPLOAD_FLAGS
 from watcher.logs import configure_logging
 from watcher.settings import Settings, load_settings
@@ -27,10 +27,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings()
     except ConfigError as err:
         print(f"watcher: {err}", file=sys.stderr)
+        return 1 if args.command == "healthcheck" else EXIT_ERROR  # Docker reserves 2
+    log_stream = sys.stderr if args.command in ("quarantine", "healthcheck") else None
+    configure_logging(settings.log_format, settings.log_level, log_stream)
+    handler = {
+        "run": _run, "scan": _scan,
+        "healthcheck": opscli.run_healthcheck, "quarantine": opscli.run_quarantine,
+    }[args.command]  # fmt: skip
+    try:
+        return handler(settings, args)
+    except WatcherError as err:  # e.g. WATCHER_HTTP_ADDR already in use
+        print(f"watcher: {err}", file=sys.stderr)
         return EXIT_ERROR
-    configure_logging(settings.log_format, settings.log_level)
-    handler = {"run": _run, "scan": _scan}[args.command]
-    return handler(settings, args)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
         "scan", help="scan files or directories once; exit 0 clean, 1 infected, 2 errors"
     )
     scan.add_argument("paths", nargs="+", type=Path)
+    opscli.add_commands(commands)
     return parser
 
 

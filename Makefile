@@ -3,12 +3,14 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DEBIAN_PACKAGES := clamav-daemon clamav-freshclam clamdscan clamav-testfiles inotify-tools python3-venv
+DEBIAN_PACKAGES := clamav-daemon clamav-freshclam clamdscan clamav-testfiles inotify-tools python3-venv \
+  prometheus nodejs
 APT_ENV := DEBIAN_FRONTEND=noninteractive
+LOGQL := tests/logql/node_modules/.installed
 
 .PHONY: install deps run test lint format bench clean
 
-install: deps $(BIN)/.installed
+install: deps $(BIN)/.installed $(LOGQL)
 
 # Debian packages: installed only when one is missing (apt-get update first on a fresh machine).
 deps:
@@ -16,6 +18,12 @@ deps:
 	  echo "installing Debian packages: $(DEBIAN_PACKAGES)"; \
 	  apt-get update -qq && $(APT_ENV) apt-get install -y -qq --no-install-recommends $(DEBIAN_PACKAGES); \
 	fi
+
+# Grafana's LogQL grammar, to check the Loki rules in docs/alerting (Debian's nodejs has no npm).
+$(LOGQL): tests/logql/package.json tests/logql/package-lock.json
+	@command -v npm >/dev/null || $(APT_ENV) apt-get install -y -qq --no-install-recommends npm
+	npm ci --prefix tests/logql --no-audit --no-fund --loglevel=error
+	touch $@
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -28,6 +28,17 @@ if TYPE_CHECKING:
 VERDICTS = ("clean", "infected", "rejected", "unscannable", "unscanned", "allowlisted")
 _VERDICT_OF = {Outcome.HELD: "unscannable"}
 _SCANNED = {Outcome.CLEAN, Outcome.ALLOWLISTED, Outcome.INFECTED, Outcome.UNSCANNABLE, Outcome.HELD}
+# Events the alert rules count, present at 0 from the start: Prometheus' increase() misses
+# the first increment of a series that appears at 1. (Names from the jobs included.)
+ALERTED_EVENTS = (
+    ("file.infected", "WARNING"),
+    ("file.infected_late", "ERROR"),
+    ("file.unscannable", "ERROR"),
+    ("clamd.down", "ERROR"),
+    ("definitions.update_failed", "ERROR"),
+    ("job.failed", "ERROR"),
+    ("quarantine.near_full", "WARNING"),
+)
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -49,6 +60,8 @@ class Metrics:
             "watcher_events", "Log events by event name and level.", ["event", "level"],
             registry=self.registry,
         )  # fmt: skip
+        for event, level in ALERTED_EVENTS:
+            self.events.labels(event, level)
         self.registry.register(_DaemonCollector(daemon, probe_clamd))
         self._sink_id: int | None = None
 
@@ -107,6 +120,7 @@ class _DaemonCollector(Collector):
         files, size = quarantine_usage(s.quarantine_dir)
         yield _gauge("watcher_quarantine_files", "Files held in quarantine.", files)
         yield _gauge("watcher_quarantine_bytes", "Bytes held in quarantine.", size)
+        yield self._quarantine_cap()
         yield from self._jobs()
 
     def _definitions_age(self, now: float) -> Metric:
@@ -118,6 +132,16 @@ class _DaemonCollector(Collector):
         age = loaded.age_s(datetime.fromtimestamp(now, UTC)) if loaded else None
         if age is not None:
             family.add_metric([], age)
+        return family
+
+    def _quarantine_cap(self) -> Metric:
+        family = GaugeMetricFamily(
+            "watcher_quarantine_max_bytes",
+            "WATCHER_QUARANTINE_MAX_BYTES, the retention job's cap (absent when there is none).",
+        )
+        cap = getattr(self._daemon.settings, "quarantine_max_bytes", None)  # the jobs' setting
+        if cap:
+            family.add_metric([], cap)
         return family
 
     def _jobs(self) -> Iterator[Metric]:

@@ -186,13 +186,13 @@ class DaemonProcess:
 
 
 def files_under(root: Path) -> dict[str, bytes]:
-    """Every regular file below root (hidden and staged ones too, but for daemons' lock files)."""
+    """Every regular file below root (hidden ones too), but for the daemon's staging area."""
     found: dict[str, bytes] = {}
-    for dirpath, _dirs, names in os.walk(root):
+    for dirpath, dirs, names in os.walk(root):
+        if Path(dirpath) == root and ".watcher" in dirs:
+            dirs.remove(".watcher")
         for name in names:
             path = Path(dirpath) / name
-            if name == "lock" and path.parent.parent.name == ".watcher":
-                continue
             if path.is_file() and not path.is_symlink():
                 found[os.path.relpath(path, root)] = path.read_bytes()
     return found
@@ -210,6 +210,11 @@ def quarantined(qdir: Path) -> list[dict[str, Any]]:
         record["bytes"] = data.read_bytes() if data.exists() else None
         records.append(record)
     return records
+
+
+def staged(uploads: Path) -> list[str]:
+    """Claimed files still in staging (none once a daemon has stopped cleanly)."""
+    return sorted(p.name for p in (uploads / ".watcher").glob("d-*/*.data"))
 
 
 def delivered_count(dirs: dict[str, Path]) -> int:

@@ -17,6 +17,7 @@ from support import (
     delivered_count,
     files_under,
     quarantined,
+    staged,
     wait_until,
 )
 
@@ -119,6 +120,7 @@ def test_sigkill_then_restart_loses_nothing_and_doubles_nothing(
     )
     assert second.terminate() == 0
     assert_each_exactly_once(dirs, files)
+    assert staged(dirs["uploads"]) == []
 
 
 def test_two_daemons_on_one_uploads_directory_take_each_file_once(
@@ -135,6 +137,7 @@ def test_two_daemons_on_one_uploads_directory_take_each_file_once(
     )
     assert a.terminate() == 0 and b.terminate() == 0
     assert_each_exactly_once(dirs, files)
+    assert staged(dirs["uploads"]) == []
     assert a.events.named("file.clean") and b.events.named("file.clean")  # both did work
     assert not a.events.named("file.renamed") and not b.events.named("file.renamed")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import pytest
 
 from watcher.deliver import Deliverer
 from watcher.fsops import noclobber_names
-from watcher.staging import Staging
+from watcher.staging import Claim, Journal, Staging
 from watcher.verdict import Clean, Infected, NotScanned, parse_reply
 
 
@@ -69,19 +68,30 @@ def _claim_files(staging: Staging, uploads: Path, name: str, body: bytes) -> Pat
     return claim.data
 
 
+def _die(staging: Staging) -> None:
+    """What SIGKILL does to a daemon's staging: its flock and open journal just vanish."""
+    os.close(staging._lock_fd)  # type: ignore[arg-type]
+
+
 def test_recovery_redoes_claims_left_by_a_dead_daemon(tmp_path: Path) -> None:
     uploads = tmp_path / "uploads"
     uploads.mkdir()
     dead = Staging(uploads / ".watcher")
     dead.open()
-    _claim_files(dead, uploads, "a.txt", b"a")
-    os.close(dead._lock_fd)  # type: ignore[arg-type]  # the process died: its flock is gone
+    _claim_files(dead, uploads, "sub dir/a\nb ü.txt", b"a") if False else None
+    (uploads / "sub dir").mkdir()
+    _claim_files(dead, uploads, "sub dir/a\nb ü.txt", b"a")
+    _die(dead)
     alive = Staging(uploads / ".watcher")
     alive.open()
     claims = alive.recover()
-    assert [c.rel for c in claims] == ["a.txt"]
+    assert [c.rel for c in claims] == ["sub dir/a\nb ü.txt"]
     assert claims[0].data.read_bytes() == b"a" and claims[0].data.parent == alive.dir
     assert not dead.dir.exists()
+    _die(alive)  # and dies again before finishing: the claim moves on, name intact
+    third = Staging(uploads / ".watcher")
+    third.open()
+    assert [c.rel for c in third.recover()] == ["sub dir/a\nb ü.txt"]
 
 
 def test_recovery_leaves_a_living_daemons_claims_alone(tmp_path: Path) -> None:
@@ -99,27 +109,63 @@ def test_recovery_leaves_a_living_daemons_claims_alone(tmp_path: Path) -> None:
 def test_crash_between_link_and_unlink_is_finished_not_delivered_twice(tmp_path: Path) -> None:
     uploads, processed = tmp_path / "uploads", tmp_path / "processed"
     uploads.mkdir()
+    dead = Staging(uploads / ".watcher")
+    dead.open()
+    processed.mkdir()
+    data = _claim_files(dead, uploads, "c.txt", b"c")
+    claim = Journal.read(dead.dir)
+    (claim_id,) = claim
+    dead.journal.note(Claim(claim_id, "c.txt", data, 0.0), str(processed / "c.txt"))
+    os.link(data, processed / "c.txt")  # ... and the crash came before the unlink
+    _die(dead)
     staging = Staging(uploads / ".watcher")
     staging.open()
     deliverer = Deliverer(processed, tmp_path / "q", staging)
-    deliverer.prepare()
-    data = _claim_files(staging, uploads, "c.txt", b"c")
-    claim = staging.recover()[0]
-    staging.note_dest(claim, processed / "c.txt")  # what _move does before linking
-    os.link(data, processed / "c.txt")  # ... and the crash came before the unlink
-    reloaded = staging.recover()[0]
-    assert json.loads(reloaded.record.read_text())["dest"] == str(processed / "c.txt")
+    deliverer.start()
+    (reloaded,) = staging.recover()
+    assert reloaded.dest == str(processed / "c.txt")
     assert deliverer.finish_interrupted(reloaded) == processed / "c.txt"
-    assert not data.exists() and not reloaded.record.exists()
-    assert os.listdir(processed) == ["c.txt"] and staging.recover() == []
+    assert not reloaded.data.exists()
+    assert os.listdir(processed) == ["c.txt"]
+    deliverer.close()
+    staging.close()
+    assert not staging.dir.exists()
 
 
-def test_claim_record_without_data_is_dropped(tmp_path: Path) -> None:
+def test_journal_line_without_data_is_dropped_and_torn_lines_ignored(tmp_path: Path) -> None:
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    dead = Staging(uploads / ".watcher")
+    dead.open()
+    data = _claim_files(dead, uploads, "d.txt", b"d")
+    _claim_files(dead, uploads, "e.txt", b"e")
+    data.unlink()  # d.txt was delivered; the crash came before its journal was settled
+    with open(next(dead.dir.glob("journal-*")), "ab") as journal:
+        journal.write(b'{"id": "torn')
+    _die(dead)
+    alive = Staging(uploads / ".watcher")
+    alive.open()
+    assert [c.rel for c in alive.recover()] == ["e.txt"]
+
+
+def test_journal_segments_are_deleted_once_settled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("watcher.staging.SEGMENT_BYTES", 200)
     uploads = tmp_path / "uploads"
     uploads.mkdir()
     staging = Staging(uploads / ".watcher")
     staging.open()
-    data = _claim_files(staging, uploads, "d.txt", b"d")
-    data.unlink()  # delivered; the crash came before the record was removed
-    assert staging.recover() == []
-    assert [p.name for p in staging.dir.iterdir()] == ["lock"]
+    claims = []
+    for n in range(20):
+        (uploads / f"{n}.txt").write_bytes(b"x")
+        claim = staging.claim(uploads / f"{n}.txt", f"{n}.txt")
+        assert claim is not None
+        claims.append(claim)
+    assert len(list(staging.dir.glob("journal-*"))) > 3
+    for claim in claims:
+        claim.data.unlink()
+        staging.release(claim)
+    assert len(list(staging.dir.glob("journal-*"))) == 1  # only the current one
+    staging.close()
+    assert not staging.dir.exists()

@@ -177,7 +177,7 @@ class Daemon:
         s = self.settings
         ignore_lease_breaks()
         s.uploads_dir.mkdir(parents=True, exist_ok=True)
-        self.deliverer.prepare()
+        self.deliverer.start()
         self.staging.open()
         workers = s.workers or self._clamd_threads()
         if not s.scanning_enabled:
@@ -187,7 +187,10 @@ class Daemon:
         self._report_definitions()
         for claim in self.staging.recover():
             self.queue.offer(claim, force=True)
-        for n in range(workers):
+        # `workers` scans in flight at most; twice as many threads, so that while some move
+        # files or wait for an fsync, clamd still has a request for each of its threads.
+        self.pipeline.scan_slots = threading.BoundedSemaphore(workers)
+        for n in range(2 * workers):
             thread = threading.Thread(target=self._work, name=f"watcher-worker-{n}", daemon=True)
             thread.start()
             self._workers.append(thread)
@@ -211,6 +214,7 @@ class Daemon:
         for thread in self._workers:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
         unfinished = sum(t.is_alive() for t in self._workers)
+        self.deliverer.close()
         self.ops.close()
         self.staging.close()
         logger.bind(event="watcher.stopped", unfinished=unfinished).info("stopped")

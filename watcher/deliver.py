@@ -13,9 +13,12 @@ import contextlib
 import itertools
 import json
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from loguru import logger
 
 from watcher.fsops import (
     copy_fd_to_new_file,
@@ -36,11 +39,16 @@ class Deliverer:
         self.processed_dir = processed_dir
         self.quarantine_dir = quarantine_dir
         self.staging = staging
+        self.committer = Committer(staging)
 
-    def prepare(self) -> None:
+    def start(self) -> None:
         self.processed_dir.mkdir(parents=True, exist_ok=True)
         self.quarantine_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.quarantine_dir, 0o700)
+        self.committer.start()
+
+    def close(self) -> None:
+        self.committer.close()
 
     def to_processed(self, claim: Claim, fd: int) -> Path:
         """Deliver under the upload's relative path; a taken name gets `` (n)`` added."""
@@ -104,9 +112,67 @@ class Deliverer:
             except FileExistsError:
                 continue
             break
-        fsync_dir(directory)
-        os.unlink(claim.data)
+        self.committer.submit(claim, directory)
         return dest
+
+
+class Committer:
+    """Makes deliveries durable in batches, off the workers' path.
+
+    A delivered claim has its new name but keeps its staging name until an fsync of the new
+    name's directory has completed; then the staging name and record go. One fsync per
+    directory per batch instead of one per file; a crash before it leaves a claim whose
+    record names its destination, which `finish_interrupted` completes.
+    """
+
+    def __init__(self, staging: Staging) -> None:
+        self._staging = staging
+        self._cond = threading.Condition()
+        self._pending: list[tuple[Claim, Path]] = []
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="watcher-commit", daemon=True)
+        self._thread.start()
+
+    def submit(self, claim: Claim, directory: Path) -> None:
+        with self._cond:
+            self._pending.append((claim, directory))
+            self._cond.notify()
+
+    def close(self) -> None:
+        """Commit what is pending, then stop."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._stopping:
+                    self._cond.wait()
+                if not self._pending:
+                    return
+                batch, self._pending = self._pending, []
+            self._commit(batch)
+
+    def _commit(self, batch: list[tuple[Claim, Path]]) -> None:
+        synced: set[Path] = set()
+        for directory in dict.fromkeys(d for _, d in batch):
+            try:
+                fsync_dir(directory)
+                synced.add(directory)
+            except OSError as err:  # the claims stay; the next start finishes them
+                logger.bind(event="commit.failed", dir=str(directory), reason=str(err)).error(
+                    "fsync failed"
+                )
+        for claim, directory in batch:
+            if directory in synced:
+                claim.data.unlink(missing_ok=True)
+                self._staging.release(claim)
 
 
 def _tmp_name(directory: Path, claim: Claim) -> Path:

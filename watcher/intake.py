@@ -21,6 +21,8 @@ from watchdog.events import (
     DirCreatedEvent,
     DirMovedEvent,
     FileClosedEvent,
+    FileCreatedEvent,
+    FileMovedEvent,
     FileSystemEvent,
     FileSystemEventHandler,
 )
@@ -72,7 +74,12 @@ class Intake:
         observer: BaseObserver = (
             PollingObserver(timeout=self._poll_interval_s) if self._polling else Observer()
         )
-        observer.schedule(_Handler(self), str(self.uploads_dir), recursive=True)
+        observer.schedule(
+            _Handler(self, tuple(self._skip)),
+            str(self.uploads_dir),
+            recursive=True,
+            event_filter=_WANTED_EVENTS,
+        )
         observer.start()
         self._observer = observer
         for target, name in ((self._settle_loop, "settle"), (self._sweep_loop, "sweep")):
@@ -237,13 +244,28 @@ class Intake:
                     continue
 
 
+# Only what can announce a new file. Opens, reads, modifications and deletions are left out of
+# the inotify mask: they are most of the traffic and say nothing a settle check doesn't.
+_WANTED_EVENTS = [
+    FileCreatedEvent,
+    FileMovedEvent,
+    FileClosedEvent,
+    DirCreatedEvent,
+    DirMovedEvent,
+]
+
+
 class _Handler(FileSystemEventHandler):
     """Runs on watchdog's thread: only hands hints over, and never lets an exception escape."""
 
-    def __init__(self, intake: Intake) -> None:
+    def __init__(self, intake: Intake, skip: tuple[str, ...]) -> None:
         self._intake = intake
+        self._skip_prefixes = tuple(p + os.sep for p in skip)
 
     def on_any_event(self, event: FileSystemEvent) -> None:
+        path = os.fsdecode(event.dest_path or event.src_path)
+        if path.startswith(self._skip_prefixes):
+            return  # our own staging area
         try:
             self._dispatch(event)
         except Exception:

@@ -12,6 +12,7 @@ import enum
 import errno
 import os
 import stat
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -96,6 +97,7 @@ class Pipeline:
         self.staging = staging
         self.deliverer = deliverer
         self._rejected: set[tuple[str, int, int]] = set()
+        self.scan_slots = threading.BoundedSemaphore(4)  # the daemon sets clamd's MaxThreads
         self._clamd_version: str | None = None
 
     # -- entry points -------------------------------------------------------------------
@@ -159,7 +161,6 @@ class Pipeline:
         if not self.config.scanning_enabled:
             sha = sha256_fd(fd)
             dest = self.deliverer.to_processed(claim, fd)
-            self.staging.release(claim)
             logger.bind(
                 event="file.unscanned", path=claim.rel, dest=str(dest), size=st.st_size, sha256=sha
             ).warning("delivered WITHOUT scanning: VIRUS_SCANNING_ENABLED=false")
@@ -182,7 +183,8 @@ class Pipeline:
     def _scan_unchanged(self, fd: int, st: os.stat_result) -> tuple[Verdict, str, os.stat_result]:
         """Scan until the file stays the same across one scan (a writer may still hold it)."""
         for _ in range(_MAX_RESCANS):
-            verdict = self.scanner.scan_fd(fd)
+            with self.scan_slots:  # never more requests in flight than clamd has threads
+                verdict = self.scanner.scan_fd(fd)
             sha = sha256_fd(fd)
             after = os.fstat(fd)
             if _identity(after) == _identity(st):
@@ -197,7 +199,6 @@ class Pipeline:
         self, claim: Claim, fd: int, size: int, sha: str, allowlisted_signature: str | None = None
     ) -> Result:
         dest = self.deliverer.to_processed(claim, fd)
-        self.staging.release(claim)
         fields: dict[str, Any] = {"path": claim.rel, "dest": str(dest), "size": size, "sha256": sha}
         expected = self.deliverer.processed_dir / claim.rel
         if dest != expected:
@@ -217,7 +218,6 @@ class Pipeline:
     def _quarantine(self, claim: Claim, fd: int, size: int, sha: str, signature: str) -> Result:
         meta = self._metadata(claim, size, sha, "infected", signature=signature)
         dest = self.deliverer.to_quarantine(claim, fd, meta)
-        self.staging.release(claim)
         logger.bind(
             event="file.infected", path=claim.rel, dest=str(dest), id=claim.id, size=size,
             sha256=sha, signature=signature,
@@ -236,7 +236,6 @@ class Pipeline:
             return Result(Outcome.HELD, claim.rel, dest=dest, size=size, sha256=sha, reason=reason)
         meta = self._metadata(claim, size, sha, "unscannable", reason=reason)
         dest = self.deliverer.to_quarantine(claim, fd, meta)
-        self.staging.release(claim)
         logger.bind(
             event="file.unscannable", action="quarantined", id=claim.id, dest=str(dest), **fields
         ).error("could not be scanned: quarantined")
@@ -282,7 +281,7 @@ class Pipeline:
             "reason": None,
             **extra,
             "detected_at": datetime.now(UTC).isoformat(),
-            "claimed_at": claim.claimed_at,
+            "claimed_at": datetime.fromtimestamp(claim.claimed_at, UTC).isoformat(),
             "clamd_version": self._version(),
         }
 

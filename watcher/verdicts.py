@@ -8,6 +8,9 @@ record (never seen, or decided before a restart or more than `capacity` files ag
 
 `wait` holds until the state is final or the time is up. It is woken by `record` (a daemon
 listener) for its own path only; no polling.
+
+A file being scanned is in no directory the app knows: it is found through the staging
+journals (`ClaimIndex`), which are append-only, so each of their bytes is read once.
 """
 
 from __future__ import annotations
@@ -70,7 +73,8 @@ class Verdicts:
         self.processed_dir = processed_dir
         self.staging_root = staging_root
         self.capacity = capacity
-        self._known: OrderedDict[str, FileStatus] = OrderedDict()
+        self._claims = ClaimIndex(staging_root)
+        self._known: OrderedDict[str, tuple[float, FileStatus]] = OrderedDict()
         self._cond = threading.Condition()
         self._waiting = 0
         self._closed = False
@@ -95,7 +99,7 @@ class Verdicts:
             allowlisted=result.outcome is Outcome.ALLOWLISTED,
         )
         with self._cond:
-            self._known[result.rel] = status
+            self._known[result.rel] = (time.time(), status)
             self._known.move_to_end(result.rel)
             while len(self._known) > self.capacity:
                 self._known.popitem(last=False)
@@ -124,10 +128,13 @@ class Verdicts:
             if reason is not None:
                 return FileStatus(rel, "rejected", location=f"uploads/{rel}", reason=reason)
             return FileStatus(rel, "pending", location=f"uploads/{rel}")
-        if self._claimed(rel):
-            return FileStatus(rel, "pending")
         with self._cond:
-            return self._known.get(rel) or FileStatus(rel, "unknown")
+            recorded_at, known = self._known.get(rel, (0.0, None))
+        # Claimed after the verdict we hold: a new upload under the same name, being scanned.
+        # (The claim a verdict came from lingers in staging until its delivery is committed.)
+        if any(at > recorded_at for at in self._claims.claimed_at(rel)):
+            return FileStatus(rel, "pending")
+        return known or FileStatus(rel, "unknown")
 
     def wait(self, rel: str, timeout_s: float) -> FileStatus:
         deadline = time.monotonic() + timeout_s
@@ -148,7 +155,9 @@ class Verdicts:
 
     # -- helpers ------------------------------------------------------------------------
 
-    def _wait_for_change(self, rel: str, before: FileStatus | None, timeout_s: float) -> None:
+    def _wait_for_change(
+        self, rel: str, before: tuple[float, FileStatus] | None, timeout_s: float
+    ) -> None:
         """Sleep until a verdict for `rel` is recorded (or we close); others don't wake us."""
         with self._cond:
             self._cond.wait_for(
@@ -182,12 +191,55 @@ class Verdicts:
         except (FileNotFoundError, NotADirectoryError):
             return None
 
-    def _claimed(self, rel: str) -> bool:
-        """Is a daemon holding this upload in staging right now (scanning or retrying)?"""
-        for record in self.staging_root.glob("d-*/*.json"):
+
+class ClaimIndex:
+    """Which uploads are claimed right now, from the daemons' staging journals.
+
+    A journal line ``{"id", "rel", "at"}`` announces a claim whose bytes are
+    ``<daemon dir>/<id>.data`` until delivered. Segments only grow, and are deleted whole.
+    """
+
+    def __init__(self, staging_root: Path) -> None:
+        self.staging_root = staging_root
+        self._lock = threading.Lock()
+        # segment -> (inode, bytes read, rel -> [(id, claimed at)])
+        self._segments: dict[Path, tuple[int, int, dict[str, list[tuple[str, float]]]]] = {}
+
+    def claimed_at(self, rel: str) -> list[float]:
+        """When each live claim of `rel` was made (usually none, or one)."""
+        with self._lock:
+            self._refresh()
+            found = []
+            for segment, (_, _, rels) in self._segments.items():
+                for claim_id, at in rels.get(rel, ()):
+                    if os.path.lexists(segment.parent / f"{claim_id}.data"):
+                        found.append(at)
+            return found
+
+    def _refresh(self) -> None:
+        present = set(self.staging_root.glob("d-*/journal-*"))
+        for gone in self._segments.keys() - present:
+            del self._segments[gone]
+        for segment in present:
             try:
-                if json.loads(record.read_bytes()).get("rel") == rel:
-                    return True
-            except (OSError, ValueError):
+                self._read_new(segment)
+            except OSError:
+                self._segments.pop(segment, None)
+
+    def _read_new(self, segment: Path) -> None:
+        with open(segment, "rb") as f:
+            inode = os.fstat(f.fileno()).st_ino
+            known_inode, offset, rels = self._segments.get(segment, (inode, 0, {}))
+            if known_inode != inode:
+                offset, rels = 0, {}
+            f.seek(offset)
+            data = f.read()
+        complete = data[: data.rfind(b"\n") + 1]  # a line still being written waits
+        for line in complete.splitlines():
+            try:
+                fields = json.loads(line)
+                if "rel" in fields:
+                    rels.setdefault(fields["rel"], []).append((fields["id"], float(fields["at"])))
+            except (ValueError, KeyError, TypeError):
                 continue
-        return False
+        self._segments[segment] = (inode, offset + len(complete), rels)

@@ -1,0 +1,416 @@
+"""`make bench`: watcher against clamd's own limit and the hand-written inotify loop.
+
+Everything runs in one go on one clamd (4 threads, DisableCache yes, the test signatures), so
+the ratios compare like with like on a shared, noisy machine. Prints a table and writes
+bench/results/latest.json. Not part of `make test`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zipfile
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTSIGS = ROOT / "watcher" / "testsigs"
+RESULTS = ROOT / "bench" / "results"
+
+
+# -- corpus ---------------------------------------------------------------------------------
+
+
+def make_corpus(directory: Path, count: int, seed: int = 1) -> int:
+    """Deterministic mixed files of 1-300 KB: text, random binary, zips, PDF- and JPEG-like."""
+    rng = random.Random(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    words = [rng.randbytes(rng.randrange(2, 9)).hex() for _ in range(500)]
+    total = 0
+    for n in range(count):
+        kind = n % 5
+        size = int(rng.triangular(1024, 300 * 1024, 8 * 1024))
+        if kind == 0:
+            body = " ".join(rng.choice(words) for _ in range(size // 8)).encode()[:size]
+            name = f"{n:05}.txt"
+        elif kind == 1:
+            body, name = rng.randbytes(size), f"{n:05}.bin"
+        elif kind == 2:
+            buf = io.BytesIO()
+            with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+                for part in range(3):
+                    text = " ".join(rng.choice(words) for _ in range(size // 24)).encode()
+                    zf.writestr(f"doc{part}.txt", text)
+            body, name = buf.getvalue(), f"{n:05}.zip"
+        elif kind == 3:
+            stream = rng.randbytes(size - 200)
+            body = (
+                b"%PDF-1.4\n1 0 obj<</Type/Catalog>>endobj\n2 0 obj<</Length "
+                + str(len(stream)).encode()
+                + b">>stream\n"
+                + stream
+                + b"\nendstream endobj\ntrailer<</Root 1 0 R>>\n%%EOF\n"
+            )
+            name = f"{n:05}.pdf"
+        else:
+            body = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + rng.randbytes(size - 13) + b"\xff\xd9"
+            name = f"{n:05}.jpg"
+        (directory / name).write_bytes(body)
+        total += len(body)
+    return total
+
+
+# -- clamd ----------------------------------------------------------------------------------
+
+
+class Clamd:
+    def __init__(self, root: Path, threads: int = 4) -> None:
+        self.root = root
+        self.socket = root / "clamd.sock"
+        self.conf = root / "clamd.conf"
+        (root / "db").mkdir(parents=True)
+        (root / "tmp").mkdir()
+        for sig in TESTSIGS.iterdir():
+            shutil.copy(sig, root / "db" / sig.name)
+        self.conf.write_text(
+            f"LocalSocket {self.socket}\nDatabaseDirectory {root / 'db'}\nForeground yes\n"
+            f"TemporaryDirectory {root / 'tmp'}\nMaxThreads {threads}\nMaxQueue 200\n"
+            "DisableCache yes\nAlertExceedsMax yes\nSelfCheck 3600\n"
+            f"LogFile {root / 'clamd.log'}\n"
+        )
+        self.proc = subprocess.Popen(
+            ["clamd", "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 60
+        while not self.socket.exists():
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError("clamd did not start")
+            time.sleep(0.05)
+
+    def version(self) -> str:
+        out = subprocess.run(
+            ["clamdscan", f"--config-file={self.conf}", "--version"],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        return out.stdout.strip()
+
+    def signature_count(self) -> int:
+        return sum(
+            len(p.read_text().splitlines()) for p in (self.root / "db").iterdir() if p.is_file()
+        )
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+def count_files(directory: Path) -> int:
+    return sum(1 for _ in os.scandir(directory)) if directory.exists() else 0
+
+
+def wait_count(directory: Path, expected: int, timeout_s: float) -> float:
+    deadline = time.monotonic() + timeout_s
+    while count_files(directory) < expected:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {count_files(directory)}/{expected} in {directory}")
+        time.sleep(0.005)
+    return time.monotonic()
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def move_all(source: Path, target: Path) -> float:
+    """Rename every file of source into target (same filesystem); returns the start time."""
+    names = sorted(os.listdir(source))
+    started = time.monotonic()
+    for name in names:
+        os.rename(source / name, target / name)
+    return started
+
+
+class Watcher:
+    """`watcher run` as a subprocess, its JSON log kept for latency figures."""
+
+    def __init__(self, base: Path, clamd: Clamd, **env: str) -> None:
+        self.uploads, self.processed, self.quarantine = (
+            base / "uploads", base / "processed", base / "quarantine"
+        )  # fmt: skip
+        self.uploads.mkdir(parents=True)
+        self.log: list[dict[str, Any]] = []
+        environ = {
+            **os.environ,
+            "WATCHER_UPLOADS_DIR": str(self.uploads),
+            "WATCHER_PROCESSED_DIR": str(self.processed),
+            "WATCHER_QUARANTINE_DIR": str(self.quarantine),
+            "WATCHER_STATE_DIR": str(base / "state"),
+            "CLAMAV_SOCKET": str(clamd.socket),
+            "WATCHER_LOG_LEVEL": "INFO",
+            **env,
+        }
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "watcher", "run"], env=environ, stdout=subprocess.PIPE
+        )
+        self._ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self._ready.wait(60):
+            raise RuntimeError("watcher did not become ready")
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            record = json.loads(line)
+            if record["event"] == "watcher.ready":
+                self._ready.set()
+            if record["event"].startswith("file."):
+                self.log.append(record)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=60)
+
+
+# -- the measurements -----------------------------------------------------------------------
+
+
+def engine_limit(clamd: Clamd, corpus: Path) -> float:
+    started = time.monotonic()
+    subprocess.run(
+        ["clamdscan", f"--config-file={clamd.conf}", "--multiscan", "--fdpass", "--no-summary",
+         "--quiet", str(corpus)],
+        check=False,
+    )  # fmt: skip
+    return time.monotonic() - started
+
+
+HAND_LOOP = r"""
+inotifywait -q -m -e close_write -e moved_to --format '%w%f' "$1" | while IFS= read -r f; do
+  if clamdscan --config-file="$3" --fdpass --no-summary --quiet "$f"; then mv -- "$f" "$2/"; fi
+done
+"""
+
+
+def hand_loop(clamd: Clamd, corpus: Path, base: Path, files: int) -> float:
+    uploads, processed = base / "hand-uploads", base / "hand-processed"
+    uploads.mkdir()
+    processed.mkdir()
+    loop = subprocess.Popen(
+        ["bash", "-c", HAND_LOOP, "hand", str(uploads), str(processed), str(clamd.conf)],
+        start_new_session=True,
+    )
+    time.sleep(1.0)  # inotifywait has no ready signal; give it time to set its watch
+    started = move_all(corpus, uploads)
+    finished = wait_count(processed, files, 600)
+    os.killpg(loop.pid, signal.SIGTERM)
+    loop.wait()
+    move_all(processed, corpus)
+    return finished - started
+
+
+def watcher_drain(clamd: Clamd, corpus: Path, base: Path, files: int) -> tuple[float, Watcher]:
+    daemon = Watcher(base, clamd)
+    started = move_all(corpus, daemon.uploads)
+    finished = wait_count(daemon.processed, files, 600)
+    return finished - started, daemon
+
+
+def latency(daemon: Watcher, rate: int, seconds: int) -> dict[str, float]:
+    closed_at: dict[str, float] = {}
+    interval = 1.0 / rate
+    payload = os.urandom(4096)
+    first = len(daemon.log)
+    next_at = time.monotonic()
+    for n in range(rate * seconds):
+        name = f"lat-{n:05}.bin"
+        with open(daemon.uploads / name, "wb") as f:
+            f.write(payload + n.to_bytes(4, "big"))
+        closed_at[name] = time.time()
+        next_at += interval
+        time.sleep(max(0.0, next_at - time.monotonic()))
+    deadline = time.monotonic() + 60
+    while sum(1 for r in daemon.log[first:] if r["path"] in closed_at) < len(closed_at):
+        if time.monotonic() > deadline:
+            raise RuntimeError("latency files not all delivered")
+        time.sleep(0.05)
+    delays = sorted(
+        (datetime.fromisoformat(r["time"]).timestamp() - closed_at[r["path"]]) * 1000
+        for r in daemon.log[first:]
+        if r["path"] in closed_at and r["event"] == "file.clean"
+    )
+    q = statistics.quantiles(delays, n=100, method="inclusive")
+    return {"p50_ms": q[49], "p95_ms": q[94], "p99_ms": q[98], "max_ms": delays[-1]}
+
+
+def small_files(directory: Path, count: int, start: int) -> None:
+    directory.mkdir(exist_ok=True)
+    for n in range(start, start + count):
+        (directory / f"s{n:06}.txt").write_bytes(b"small file %d\n" % n)
+
+
+def burst(daemon: Watcher, base: Path, count: int) -> dict[str, float]:
+    staging = base / "burst-src"
+    small_files(staging, count, 100_000)
+    before = count_files(daemon.processed)
+    rss_before = rss_mb(daemon.proc.pid)
+    started = move_all(staging, daemon.uploads)
+    finished = wait_count(daemon.processed, before + count, 1200)
+    return {
+        "files": count,
+        "seconds": finished - started,
+        "files_per_s": count / (finished - started),
+        "rss_before_mb": rss_before,
+        "rss_after_mb": rss_mb(daemon.proc.pid),
+    }
+
+
+def idle_cpu(daemon: Watcher, seconds: float) -> float:
+    before = cpu_seconds(daemon.proc.pid)
+    time.sleep(seconds)
+    return 100 * (cpu_seconds(daemon.proc.pid) - before) / seconds
+
+
+def big_file(daemon: Watcher, size: int) -> dict[str, Any]:
+    path = daemon.uploads.parent / "big.bin"
+    with open(path, "wb") as f:
+        f.truncate(size)  # sparse: the bytes are read, the disk is not filled
+    rss_before = rss_mb(daemon.proc.pid)
+    peak = rss_before
+    first = len(daemon.log)
+    os.rename(path, daemon.uploads / "big.bin")
+    deadline = time.monotonic() + 600
+    outcome = None
+    while outcome is None and time.monotonic() < deadline:
+        peak = max(peak, rss_mb(daemon.proc.pid))
+        outcome = next((r for r in daemon.log[first:] if r["path"] == "big.bin"), None)
+        time.sleep(0.05)
+    return {
+        "event": outcome and outcome["event"],
+        "reason": outcome and outcome.get("reason"),
+        "rss_before_mb": rss_before,
+        "rss_peak_mb": peak,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--files", type=int, default=1800)
+    parser.add_argument("--burst", type=int, default=50_000)
+    parser.add_argument("--rate", type=int, default=50)
+    parser.add_argument("--seconds", type=int, default=20)
+    parser.add_argument("--idle", type=float, default=30.0)
+    parser.add_argument("--big-gb", type=float, default=2.0)
+    args = parser.parse_args()
+
+    base = Path(tempfile.mkdtemp(prefix="watcher-bench-", dir="/var/tmp"))
+    clamd = Clamd(base / "clamd")
+    results: dict[str, Any] = {
+        "machine": {
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "clamd": clamd.version(),
+            "signatures": clamd.signature_count(),
+            "clamd_threads": 4,
+        }
+    }
+    try:
+        corpus = base / "corpus"
+        corpus_bytes = make_corpus(corpus, args.files)
+        results["corpus"] = {"files": args.files, "mb": round(corpus_bytes / 1e6, 1)}
+        print(f"corpus: {args.files} files, {corpus_bytes / 1e6:.1f} MB", flush=True)
+
+        engine_s = engine_limit(clamd, corpus)
+        print(f"engine: {engine_s:.2f}s", flush=True)
+        hand_s = hand_loop(clamd, corpus, base, args.files)
+        print(f"hand loop: {hand_s:.2f}s", flush=True)
+        engine_s = min(engine_s, engine_limit(clamd, corpus))  # best of two, after warm-up
+        watcher_s, daemon = watcher_drain(clamd, corpus, base / "w", args.files)
+        print(f"watcher: {watcher_s:.2f}s", flush=True)
+        try:
+            results["throughput"] = {
+                "engine_files_per_s": args.files / engine_s,
+                "hand_loop_files_per_s": args.files / hand_s,
+                "watcher_files_per_s": args.files / watcher_s,
+                "watcher_vs_engine": engine_s / watcher_s,
+                "watcher_vs_hand_loop": hand_s / watcher_s,
+            }
+            results["latency"] = latency(daemon, args.rate, args.seconds)
+            results["latency"]["rate_per_s"] = args.rate
+            print(f"latency: {results['latency']}", flush=True)
+            small_files(base / "small", 1000, 0)
+            move_all(base / "small", daemon.uploads)
+            wait_count(daemon.processed, args.files + args.rate * args.seconds + 1000, 300)
+            rss_1k = rss_mb(daemon.proc.pid)
+            results["burst"] = burst(daemon, base, args.burst)
+            results["memory"] = {"rss_after_1000_mb": rss_1k,
+                                 "rss_after_burst_mb": results["burst"]["rss_after_mb"]}  # fmt: skip
+            print(f"burst: {results['burst']}", flush=True)
+            results["idle_cpu_percent"] = idle_cpu(daemon, args.idle)
+            if args.big_gb:
+                results["big_file"] = big_file(daemon, int(args.big_gb * 1024**3))
+        finally:
+            daemon.stop()
+    finally:
+        clamd.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "latest.json").write_text(json.dumps(results, indent=2))
+    print_table(results)
+    return 0
+
+
+def print_table(r: dict[str, Any]) -> None:
+    t, lat, b, m = r["throughput"], r["latency"], r["burst"], r["memory"]
+    rows = [
+        ("engine limit (clamdscan --multiscan --fdpass)", f"{t['engine_files_per_s']:.0f} files/s", ""),
+        ("hand loop (inotifywait | clamdscan; mv)", f"{t['hand_loop_files_per_s']:.0f} files/s", ""),
+        ("watcher run", f"{t['watcher_files_per_s']:.0f} files/s", ""),
+        ("watcher ÷ engine", f"{t['watcher_vs_engine']:.2f}", "≥ 0.95"),
+        ("watcher ÷ hand loop", f"{t['watcher_vs_hand_loop']:.1f}", "≥ 8"),
+        (f"latency at {lat['rate_per_s']}/s p50 / p95", f"{lat['p50_ms']:.1f} / {lat['p95_ms']:.1f} ms", "p50 ≤ 30"),
+        ("latency p99 / max", f"{lat['p99_ms']:.1f} / {lat['max_ms']:.1f} ms", "p99 ≤ 250"),
+        ("RSS after 1,000 / after burst", f"{m['rss_after_1000_mb']:.1f} / {m['rss_after_burst_mb']:.1f} MB", "< 80, flat"),
+        (f"burst of {b['files']:,} files", f"{b['seconds']:.1f} s ({b['files_per_s']:.0f}/s), all delivered", "all"),
+        ("idle CPU (30 s, empty uploads)", f"{r['idle_cpu_percent']:.2f} %", "< 0.5 %"),
+    ]  # fmt: skip
+    if "big_file" in r:
+        big = r["big_file"]
+        rows.append(
+            ("2 GB file", f"{big['event']}; RSS {big['rss_before_mb']:.0f} → peak {big['rss_peak_mb']:.0f} MB", "flat")
+        )  # fmt: skip
+    machine = r["machine"]
+    print(f"\nmachine: {machine['cores']} cores, {machine['clamd']}, {machine['signatures']} signatures,"
+          f" clamd MaxThreads {machine['clamd_threads']}, DisableCache yes;"
+          f" corpus {r['corpus']['files']} files / {r['corpus']['mb']} MB\n")  # fmt: skip
+    print("| measure | result | target |\n|---|---|---|")
+    for row in rows:
+        print(f"| {row[0]} | {row[1]} | {row[2]} |")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from http_support import get, watcher_cli
+from http_support import ROOT, get, watcher_cli
 from support import Clamd, DaemonProcess, Events
 
 from watcher.daemon import Daemon
@@ -114,3 +118,31 @@ def test_healthcheck_default_state_dir_matches_the_settings() -> None:
 def test_unknown_route_is_404_json(start_daemon: Start) -> None:
     response = get(start_daemon(), "/nope")
     assert response.status == 404 and response.json() == {"error": "not found"}
+
+
+def test_healthcheck_loads_only_the_standard_library(dirs: dict[str, Path]) -> None:
+    probe = (
+        "import sys; from watcher.entry import main; main(['healthcheck']); "
+        "heavy = ('pydantic', 'clamd', 'watchdog', 'loguru', 'prometheus_client', "
+        "'watcher.daemon', 'watcher.settings'); print([m for m in heavy if m in sys.modules])"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=30,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "WATCHER_STATE_DIR": str(dirs["state"])},
+    )  # fmt: skip
+    assert result.stdout.splitlines()[-1] == "[]", result.stdout
+
+
+def test_http_address_in_use_fails_the_start_with_exit_2(
+    dirs: dict[str, Path], subprocess_env: dict[str, str]
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        daemon = DaemonProcess({**subprocess_env, "WATCHER_HTTP_ADDR": f"127.0.0.1:{port}"})
+        daemon.start(wait_ready=False)
+        assert daemon.proc is not None and daemon.proc.wait(timeout=30) == 2
+    output = b"".join(daemon.lines).decode()
+    assert "WATCHER_HTTP_ADDR" in output and "watcher.ready" not in output
+    assert not dirs["processed"].exists()  # it failed before setting anything up

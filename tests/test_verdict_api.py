@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 from http_support import Response, get
-from support import EICAR, wait_until
+from support import EICAR, Clamd, wait_until
 
 from watcher.daemon import Daemon
+from watcher.settings import Settings
 
 Start = Callable[..., Daemon]
 
@@ -107,3 +108,26 @@ def test_traversal_absolute_nul_and_bad_waits_are_400(start_daemon: Start, path:
 def test_the_staging_area_is_not_visible(start_daemon: Start) -> None:
     daemon = start_daemon()
     assert get(daemon, "/v1/files/.watcher/held").json()["state"] == "unknown"
+
+
+def test_a_file_being_scanned_is_pending_even_when_its_name_had_a_verdict(
+    make_settings: Callable[..., Settings], own_clamd: Clamd, dirs: dict[str, Path]
+) -> None:
+    daemon = Daemon(make_settings(clamav_socket=own_clamd.socket))
+    daemon.start()
+    upload = dirs["uploads"] / "a.txt"
+    try:
+        upload.write_bytes(b"first")
+        assert get(daemon, "/v1/files/a.txt?wait=20").json()["state"] == "clean"
+        own_clamd.freeze()  # the next scan hangs: the file sits claimed, in staging
+        upload.write_bytes(b"second")
+        wait_until(lambda: not upload.exists(), 10, "the second upload to be claimed")
+        body = get(daemon, "/v1/files/a.txt").json()
+        assert body["state"] == "pending" and body["location"] is None
+        own_clamd.thaw()
+        body = get(daemon, "/v1/files/a.txt?wait=20").json()
+        assert body["state"] == "clean" and body["sha256"] == hashlib.sha256(b"second").hexdigest()
+        assert body["location"] == "processed/a (1).txt"
+    finally:
+        own_clamd.thaw()
+        daemon.close()

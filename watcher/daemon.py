@@ -175,6 +175,7 @@ class Daemon:
 
     def start(self) -> None:
         s = self.settings
+        self.ops.bind()  # a taken WATCHER_HTTP_ADDR fails here, before any file is claimed
         ignore_lease_breaks()
         s.uploads_dir.mkdir(parents=True, exist_ok=True)
         self.deliverer.start()

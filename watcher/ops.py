@@ -40,13 +40,18 @@ class Operations:
         daemon.add_listener(self.metrics.observe)  # first: a verdict seen is already counted
         daemon.add_listener(self.verdicts.record)
 
-    def start(self) -> None:
+    def bind(self) -> None:
+        """Take the HTTP port (before the daemon takes any file: a taken port fails the start)."""
         bind = self.daemon.settings.http_bind
-        if bind is not None:
+        if bind is not None and self.server is None:
             try:
                 self.server = ApiServer(bind[0], bind[1], self)
             except OSError as err:
-                raise ConfigError(f"WATCHER_HTTP_ADDR: cannot listen on {bind}: {err}") from err
+                addr = self.daemon.settings.http_addr
+                raise ConfigError(f"WATCHER_HTTP_ADDR: cannot listen on {addr}: {err}") from err
+
+    def start(self) -> None:
+        self.bind()
         self.metrics.start()
         self.heartbeat.start()
         if self.server is not None:

@@ -37,6 +37,10 @@ run: install
 test: install
 	$(BIN)/pytest -q
 
+# Throughput, latency, memory and idle CPU against clamd's own limit (several minutes).
+bench: install
+	$(BIN)/python bench/bench.py
+
 lint: install
 	$(BIN)/ruff check watcher tests
 	$(BIN)/ruff format --check watcher tests

@@ -42,7 +42,7 @@ def make_corpus(directory: Path, count: int, seed: int = 1) -> int:
     total = 0
     for n in range(count):
         kind = n % 5
-        size = int(rng.triangular(1024, 300 * 1024, 8 * 1024))
+        size = int(min(300 * 1024, max(1024, rng.lognormvariate(10.3, 1.0))))
         if kind == 0:
             body = " ".join(rng.choice(words) for _ in range(size // 8)).encode()[:size]
             name = f"{n:05}.txt"

@@ -64,6 +64,7 @@ def make_settings(dirs: dict[str, Path], clamd_server: Clamd) -> Callable[..., S
             "shutdown_grace_s": 10,
             "update_command": "",  # never freshclam against the real mirrors from a test
             "definitions_dir": clamd_server.db,
+            "http_addr": "127.0.0.1:0",  # never a fixed port: test runs share the machine
         }
         values.update(overrides)
         return Settings(**values)
@@ -100,6 +101,7 @@ def subprocess_env(dirs: dict[str, Path], clamd_server: Clamd) -> dict[str, str]
         "WATCHER_SETTLE_S": "0.3",
         "WATCHER_UPDATE_COMMAND": "",
         "WATCHER_DEFINITIONS_DIR": str(clamd_server.db),
+        "WATCHER_HTTP_ADDR": "127.0.0.1:0",
         "PYTHONPATH": os.pathsep.join(
             [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")]
         ),

@@ -9,9 +9,9 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from watcher import __version__
+from watcher import __version__, opscli
 from watcher.daemon import Daemon, scanner_from_settings
-from watcher.errors import ClamdUnavailable, ConfigError
+from watcher.errors import ClamdUnavailable, ConfigError, WatcherError
 from watcher.fsops import OPEN_UPLOAD_FLAGS
 from watcher.jobs import purge_quarantine_once, update_definitions_once
 from watcher.logs import configure_logging
@@ -28,15 +28,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings()
     except ConfigError as err:
         print(f"watcher: {err}", file=sys.stderr)
-        return EXIT_ERROR
-    configure_logging(settings.log_format, settings.log_level)
+        return 1 if args.command == "healthcheck" else EXIT_ERROR  # Docker reserves 2
+    log_stream = sys.stderr if args.command in ("quarantine", "healthcheck") else None
+    configure_logging(settings.log_format, settings.log_level, log_stream)
     handler = {
-        "run": _run,
-        "scan": _scan,
-        "update-definitions": _update_definitions,
-        "purge-quarantine": _purge_quarantine,
-    }[args.command]
-    return handler(settings, args)
+        "run": _run, "scan": _scan,
+        "healthcheck": opscli.run_healthcheck, "quarantine": opscli.run_quarantine,
+        "update-definitions": _update_definitions, "purge-quarantine": _purge_quarantine,
+    }[args.command]  # fmt: skip
+    try:
+        return handler(settings, args)
+    except WatcherError as err:  # e.g. WATCHER_HTTP_ADDR already in use
+        print(f"watcher: {err}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     purge = commands.add_parser("purge-quarantine", help="apply quarantine retention once")
     purge.add_argument("--dry-run", action="store_true", help="only list what would go")
+    opscli.add_commands(commands)
     return parser
 
 

@@ -19,7 +19,12 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import cast
 
-from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MISSED, JobExecutionEvent
+from apscheduler.events import (
+    EVENT_JOB_ERROR,
+    EVENT_JOB_EXECUTED,
+    EVENT_JOB_MISSED,
+    JobExecutionEvent,
+)
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 from loguru import logger
@@ -36,6 +41,7 @@ from watcher.definitions import (
 )
 from watcher.deliveries import DeliveryLog
 from watcher.errors import ClamdUnavailable
+from watcher.jobstatus import JobStatus
 from watcher.rescan import Rescanner
 from watcher.retention import Retention
 from watcher.settings import Settings
@@ -53,6 +59,8 @@ class Jobs:
         scanner: Scanner,
         definitions: DefinitionsState,
         on_reloaded: Callable[[], None] | None = None,
+        status: JobStatus | None = None,
+        allowlisted: Callable[[str], bool] = lambda sha256: False,
     ) -> None:
         s = settings
         self.settings = settings
@@ -61,8 +69,9 @@ class Jobs:
         self.stop = threading.Event()
         self.deliveries = DeliveryLog(s.state_dir, s.processed_dir)
         self.rescanner = Rescanner(
-            scanner, self.deliveries, s.quarantine_dir, s.rescan_window, self.stop
+            scanner, self.deliveries, s.quarantine_dir, s.rescan_window, self.stop, allowlisted
         )
+        self.status = status or JobStatus()
         self.retention = Retention(s.quarantine_dir, s.quarantine_retention, s.quarantine_max_bytes)
         self.updater = Updater(
             s.update_argv, cast(ClamdControl, scanner), s.definitions_dir, s.state_dir,
@@ -101,6 +110,7 @@ class Jobs:
         self._add(self.purge_quarantine, "purge-quarantine", 86400.0, now + timedelta(minutes=1))
         self._add(self.prune_deliveries, "prune-deliveries", 3600.0, now + timedelta(hours=1))
         self.scheduler.add_listener(self._on_failure, EVENT_JOB_ERROR | EVENT_JOB_MISSED)
+        self.scheduler.add_listener(self._on_success, EVENT_JOB_EXECUTED)
         self.scheduler.start()
 
     def shutdown(self, grace_s: float) -> None:
@@ -126,7 +136,14 @@ class Jobs:
         trigger = IntervalTrigger(seconds=every_s, timezone="UTC")
         self.scheduler.add_job(func, trigger, id=job_id, name=job_id, next_run_time=first)
 
+    def _on_success(self, event: JobExecutionEvent) -> None:
+        if event.job_id != "update-definitions":  # that one reports its own outcome
+            self.status.record_success(event.job_id, datetime.now(UTC))
+
     def _on_failure(self, event: JobExecutionEvent) -> None:
+        self.status.record_failure(
+            "update" if event.job_id == "update-definitions" else event.job_id, datetime.now(UTC)
+        )
         if event.code == EVENT_JOB_MISSED:
             logger.bind(
                 event="job.failed", job=event.job_id, reason="missed",
@@ -141,7 +158,13 @@ class Jobs:
     # -- the jobs -----------------------------------------------------------------------
 
     def update_definitions(self) -> UpdateOutcome:
-        return self.updater.tick(datetime.now(UTC))
+        outcome = self.updater.tick(datetime.now(UTC))
+        # Recorded as job "update", the name the alert rules use.
+        if outcome in (UpdateOutcome.UPDATED, UpdateOutcome.CURRENT):
+            self.status.record_success("update", datetime.now(UTC))
+        elif outcome is UpdateOutcome.FAILED:
+            self.status.record_failure("update", datetime.now(UTC))
+        return outcome
 
     def check_definitions(self, now: datetime | None = None) -> None:
         """Age of clamd's definitions against WATCHER_DEFINITIONS_MAX_AGE; one event per change.

@@ -104,6 +104,24 @@ class Settings(BaseSettings):
     retry_max_backoff_s: Seconds = 30.0
     shutdown_grace_s: Seconds = 30.0
 
+    # Operations surface: HTTP (health, readiness, metrics, verdicts), heartbeat, probes.
+    http_addr: str = "127.0.0.1:9090"  # "host:port", "[::1]:port"; "" or "off" disables HTTP
+    http_max_wait_s: Seconds = 60.0  # upper bound of GET /v1/files/<path>?wait=SECONDS
+    verdict_memory: int = Field(10_000, ge=1)  # final verdicts kept for the lookup
+    heartbeat_interval_s: Seconds = 5.0  # the daemon touches <state_dir>/heartbeat.json
+    probe_timeout_s: Seconds = 0.5  # clamd PING by /readyz, /metrics and `watcher healthcheck`
+
+    @field_validator("http_addr")
+    @classmethod
+    def _check_http_addr(cls, value: str) -> str:
+        parse_http_addr(value)
+        return value
+
+    @property
+    def http_bind(self) -> tuple[str, int] | None:
+        """(host, port) to listen on, or None when HTTP is switched off."""
+        return parse_http_addr(self.http_addr)
+
     @field_validator("ignore_patterns", mode="before")
     @classmethod
     def _split_patterns(cls, value: Any) -> Any:
@@ -181,3 +199,13 @@ def _env_name(field: str) -> str:
         "scanning_enabled": "VIRUS_SCANNING_ENABLED",
     }
     return aliases.get(field, field if field.isupper() else f"WATCHER_{field.upper()}")
+
+
+def parse_http_addr(value: str) -> tuple[str, int] | None:
+    """``127.0.0.1:9090`` -> ("127.0.0.1", 9090); ``[::1]:9090``; ``:9090`` is every address."""
+    if value.strip().lower() in ("", "off"):
+        return None
+    host, sep, port = value.strip().rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"not host:port: {value!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - explicit ":port" asks for it

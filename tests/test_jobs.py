@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -23,6 +24,7 @@ from watcher.daemon import Daemon, scanner_from_settings
 from watcher.definitions import DefinitionsState
 from watcher.deliveries import Delivery
 from watcher.jobs import Jobs
+from watcher.jobstatus import JobStatus
 from watcher.settings import Settings
 from watcher.updates import UpdateOutcome
 from watcher.verdict import Infected, Verdict
@@ -313,7 +315,8 @@ def _delivered(jobs: Jobs, path: Path, data: bytes, at: datetime | None = None) 
     st = path.stat()
     rel = str(path.relative_to(jobs.settings.processed_dir))
     at = at or datetime.now(UTC)
-    jobs.deliveries.append(Delivery(at, rel, rel, len(data), None, st.st_dev, st.st_ino))
+    sha = hashlib.sha256(data).hexdigest()
+    jobs.deliveries.append(Delivery(at, rel, rel, len(data), sha, st.st_dev, st.st_ino))
     return path
 
 
@@ -380,3 +383,38 @@ def test_a_reload_left_pending_by_a_crash_is_finished_at_the_next_tick(
     (late,) = events.named("file.infected_late")
     assert late["path"] == "served.txt" and not served.exists()
     assert jobs.updater.load_state().pending is None
+
+
+def test_rescan_leaves_bytes_an_operator_restored_as_a_false_positive(
+    make_settings: MakeSettings, dirs: dict[str, Path], events: Events
+) -> None:
+    """A restore allowlists the sha256; new signatures must not take the file away again."""
+    settings = make_settings()
+    restored = EICAR + b" restored"
+    sha = hashlib.sha256(restored).hexdigest()
+    jobs = Jobs(
+        settings, scanner_from_settings(settings), DefinitionsState(),
+        allowlisted=lambda digest: digest == sha,
+    )  # fmt: skip
+    _delivered(jobs, dirs["processed"] / "ok.com", restored)
+    _delivered(jobs, dirs["processed"] / "bad.com", EICAR)
+    report = jobs.rescanner.run(datetime.now(UTC))
+    assert (report.infected, report.skipped) == (1, 1)
+    assert files_under(dirs["processed"]) == {"ok.com": restored}
+    assert [m["original_path"] for m in quarantined(dirs["quarantine"])] == ["bad.com"]
+
+
+def test_update_outcomes_are_recorded_as_job_update(make_settings: MakeSettings) -> None:
+    """/metrics and the alert rules read `update`'s last success and failure from here."""
+    settings = make_settings()
+    status = JobStatus()
+    jobs = Jobs(settings, scanner_from_settings(settings), DefinitionsState(), status=status)
+    outcomes = iter([UpdateOutcome.FAILED, UpdateOutcome.NOT_DUE, UpdateOutcome.CURRENT])
+    jobs.updater.tick = lambda now: next(outcomes)  # type: ignore[method-assign]
+    jobs.update_definitions()
+    failed = status.snapshot()["update"]
+    assert failed.last_failure is not None and failed.last_success is None
+    jobs.update_definitions()
+    assert status.snapshot()["update"] == failed  # not due: nothing happened
+    jobs.update_definitions()
+    assert status.snapshot()["update"].last_success is not None

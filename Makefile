@@ -5,8 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEBIAN_PACKAGES := clamav-daemon clamav-freshclam clamdscan clamav-testfiles inotify-tools python3-venv
 APT_ENV := DEBIAN_FRONTEND=noninteractive
+LOGQL := tests/logql/node_modules/.installed
 
-.PHONY: install deps run test lint format bench clean
+.PHONY: install deps test-deps run test lint format bench clean
 
 install: deps $(BIN)/.installed
 
@@ -17,6 +18,20 @@ deps:
 	  apt-get update -qq && $(APT_ENV) apt-get install -y -qq --no-install-recommends $(DEBIAN_PACKAGES); \
 	fi
 
+# Only the tests need these: promtool (in Debian's prometheus) checks the alert rules; node
+# runs the Node.js example and Grafana's LogQL grammar. Each is installed only if its command is
+# missing. Debian's prometheus starts a server on :9090 where systemd runs: we want promtool only.
+test-deps: $(LOGQL)
+	@command -v promtool >/dev/null || { \
+	  apt-get update -qq && $(APT_ENV) apt-get install -y -qq --no-install-recommends prometheus && \
+	  { [ ! -d /run/systemd/system ] || systemctl disable --now prometheus >/dev/null 2>&1 || true; }; }
+
+# Grafana's LogQL grammar, to check the Loki rules in docs/alerting.
+$(LOGQL): tests/logql/package.json tests/logql/package-lock.json
+	@command -v npm >/dev/null || { apt-get update -qq && $(APT_ENV) apt-get install -y -qq --no-install-recommends nodejs npm; }
+	npm ci --prefix tests/logql --no-audit --no-fund --loglevel=error
+	touch $@
+
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
@@ -26,7 +41,7 @@ $(BIN)/.installed: pyproject.toml
 run: install
 	scripts/run-local.sh
 
-test: install
+test: install test-deps
 	$(BIN)/pytest -q
 
 # Throughput, latency, memory and idle CPU against clamd's own limit (several minutes).

@@ -39,4 +39,7 @@ done
 export WATCHER_UPLOADS_DIR="$VAR/uploads" WATCHER_PROCESSED_DIR="$VAR/processed" \
   WATCHER_QUARANTINE_DIR="$VAR/quarantine" WATCHER_STATE_DIR="$VAR/state" \
   CLAMAV_SOCKET="$VAR/run/clamd.sock" WATCHER_SETTLE_S="${WATCHER_SETTLE_S:-1s}"
+# The update job: this freshclam, then RELOAD of the clamd above (docs/jobs.md).
+export WATCHER_UPDATE_COMMAND="${WATCHER_UPDATE_COMMAND:-freshclam --config-file=$(printf '%q' "$VAR/freshclam.conf")}" \
+  WATCHER_DEFINITIONS_DIR="$db"
 .venv/bin/watcher run

@@ -62,6 +62,9 @@ def make_settings(dirs: dict[str, Path], clamd_server: Clamd) -> Callable[..., S
             "settle_s": 0.3,
             "sweep_interval_s": 30,
             "shutdown_grace_s": 10,
+            "update_command": "",  # never freshclam against the real mirrors from a test
+            "definitions_dir": clamd_server.db,
+            "http_addr": "127.0.0.1:0",  # never a fixed port: test runs share the machine
         }
         values.update(overrides)
         return Settings(**values)
@@ -96,6 +99,9 @@ def subprocess_env(dirs: dict[str, Path], clamd_server: Clamd) -> dict[str, str]
         "WATCHER_STATE_DIR": str(dirs["state"]),
         "CLAMAV_SOCKET": str(clamd_server.socket),
         "WATCHER_SETTLE_S": "0.3",
+        "WATCHER_UPDATE_COMMAND": "",
+        "WATCHER_DEFINITIONS_DIR": str(clamd_server.db),
+        "WATCHER_HTTP_ADDR": "127.0.0.1:0",
         "PYTHONPATH": os.pathsep.join(
             [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")]
         ),

@@ -160,9 +160,12 @@ class ClamdScanner:
         except _ConnectFailed as err:
             raise ClamdUnavailable(str(err)) from err
         except clamd.ConnectionError as err:
-            if isinstance(err.__cause__, TimeoutError):  # slow scan or frozen clamd: an attempt
+            # Counted as an attempt, not an outage: a file that kills clamd mid-scan must end
+            # as unscannable, not be retried forever. If clamd is really down, the next
+            # connect fails and the outage is handled there.
+            if isinstance(err.__cause__, TimeoutError):
                 return NotScanned(f"clamd did not answer within {self.scan_timeout_s}s", True)
-            raise ClamdUnavailable(str(err)) from err  # connection dropped mid-scan
+            return NotScanned(f"clamd dropped the connection mid-scan: {err}", True)
         if not reply:
             return NotScanned("empty reply from clamd", transient=True)
         return parse_reply(reply)

@@ -9,10 +9,11 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from watcher import __version__
+from watcher import __version__, opscli
 from watcher.daemon import Daemon, scanner_from_settings
-from watcher.errors import ClamdUnavailable, ConfigError
+from watcher.errors import ClamdUnavailable, ConfigError, WatcherError
 from watcher.fsops import OPEN_UPLOAD_FLAGS
+from watcher.jobs import purge_quarantine_once, update_definitions_once
 from watcher.logs import configure_logging
 from watcher.settings import Settings, load_settings
 from watcher.verdict import Clean, Infected, NotScanned, Verdict
@@ -27,10 +28,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings()
     except ConfigError as err:
         print(f"watcher: {err}", file=sys.stderr)
+        return 1 if args.command == "healthcheck" else EXIT_ERROR  # Docker reserves 2
+    log_stream = sys.stderr if args.command in ("quarantine", "healthcheck") else None
+    configure_logging(settings.log_format, settings.log_level, log_stream)
+    handler = {
+        "run": _run, "scan": _scan,
+        "healthcheck": opscli.run_healthcheck, "quarantine": opscli.run_quarantine,
+        "update-definitions": _update_definitions, "purge-quarantine": _purge_quarantine,
+    }[args.command]  # fmt: skip
+    try:
+        return handler(settings, args)
+    except WatcherError as err:  # e.g. WATCHER_HTTP_ADDR already in use
+        print(f"watcher: {err}", file=sys.stderr)
         return EXIT_ERROR
-    configure_logging(settings.log_format, settings.log_level)
-    handler = {"run": _run, "scan": _scan}[args.command]
-    return handler(settings, args)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,11 +55,26 @@ def _parser() -> argparse.ArgumentParser:
         "scan", help="scan files or directories once; exit 0 clean, 1 infected, 2 errors"
     )
     scan.add_argument("paths", nargs="+", type=Path)
+    commands.add_parser(
+        "update-definitions",
+        help="run the definitions update once (update command, RELOAD, rescan); exit 0, 2 failed",
+    )
+    purge = commands.add_parser("purge-quarantine", help="apply quarantine retention once")
+    purge.add_argument("--dry-run", action="store_true", help="only list what would go")
+    opscli.add_commands(commands)
     return parser
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:
     return Daemon(settings).run()
+
+
+def _update_definitions(settings: Settings, args: argparse.Namespace) -> int:
+    return update_definitions_once(settings, scanner_from_settings(settings))
+
+
+def _purge_quarantine(settings: Settings, args: argparse.Namespace) -> int:
+    return purge_quarantine_once(settings, args.dry_run)
 
 
 def _scan(settings: Settings, args: argparse.Namespace) -> int:

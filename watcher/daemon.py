@@ -18,11 +18,15 @@ from pathlib import Path
 
 from loguru import logger
 
+from watcher.allowlist import Allowlist
 from watcher.clamav import ClamdScanner, Scanner
 from watcher.definitions import DefinitionsState, LoadedDefinitions
 from watcher.deliver import Deliverer
 from watcher.errors import ClamdUnavailable
 from watcher.intake import Intake
+from watcher.jobs import Jobs
+from watcher.jobstatus import JobStatus
+from watcher.ops import Operations
 from watcher.pipeline import Outcome, Pipeline, PipelineConfig, Result, RetryCause
 from watcher.settings import Settings
 from watcher.staging import Claim, Staging
@@ -125,6 +129,7 @@ class Daemon:
         self.stop_event = threading.Event()
         self.staging = Staging(settings.staging_root)
         self.deliverer = Deliverer(settings.processed_dir, settings.quarantine_dir, self.staging)
+        self.allowlist = Allowlist(settings.state_dir / "allowlist")
         self.pipeline = Pipeline(
             PipelineConfig(
                 uploads_dir=settings.uploads_dir,
@@ -137,6 +142,7 @@ class Daemon:
             self.scanner,
             self.staging,
             self.deliverer,
+            allowlisted=self.allowlist.contains,
         )
         self.queue = WorkQueue(settings.queue_size)
         self.clamd = ClamdHealth(self.scanner, self.stop_event)
@@ -159,6 +165,13 @@ class Daemon:
         self._storage_full = False
         self._listeners: list[Callable[[Result], None]] = []
         self._closed = False
+        self.job_status = JobStatus()  # written by the scheduled jobs, read by /metrics
+        self.jobs = Jobs(
+            settings, self.scanner, self.definitions, self.pipeline.forget_clamd_version,
+            status=self.job_status, allowlisted=self.allowlist.contains,
+        )  # fmt: skip
+        self.add_listener(self.jobs.deliveries.record)
+        self.ops = Operations(self)  # HTTP, metrics, verdict lookup, heartbeat
 
     def add_listener(self, listener: Callable[[Result], None]) -> None:
         """Called with every final result (used by metrics, the verdict API, the jobs)."""
@@ -168,6 +181,7 @@ class Daemon:
 
     def start(self) -> None:
         s = self.settings
+        self.ops.bind()  # a taken WATCHER_HTTP_ADDR fails here, before any file is claimed
         ignore_lease_breaks()
         s.uploads_dir.mkdir(parents=True, exist_ok=True)
         self.deliverer.start()
@@ -188,6 +202,8 @@ class Daemon:
             thread.start()
             self._workers.append(thread)
         self.intake.start()
+        self.jobs.start()
+        self.ops.start()
         logger.bind(
             event="watcher.ready", uploads=str(s.uploads_dir), processed=str(s.processed_dir),
             quarantine=str(s.quarantine_dir), workers=workers, observer=s.observer,
@@ -207,6 +223,8 @@ class Daemon:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
         unfinished = sum(t.is_alive() for t in self._workers)
         self.deliverer.close()
+        self.jobs.shutdown(max(1.0, deadline - time.monotonic()))
+        self.ops.close()
         self.staging.close()
         logger.bind(event="watcher.stopped", unfinished=unfinished).info("stopped")
 

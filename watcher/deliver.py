@@ -170,9 +170,15 @@ class Committer:
                     "fsync failed"
                 )
         for claim, directory in batch:
-            if directory in synced:
+            if directory not in synced:
+                continue
+            try:
                 claim.data.unlink(missing_ok=True)
                 self._staging.release(claim)
+            except OSError as err:  # the claim stays; the next start finishes it
+                logger.bind(event="commit.failed", path=claim.rel, reason=str(err)).error(
+                    "could not drop the staging name"
+                )
 
 
 def _tmp_name(directory: Path, claim: Claim) -> Path:

@@ -3,8 +3,10 @@
 WatcherError
 ├── ConfigError          invalid or missing configuration (the CLI exits 2)
 ├── ClamdUnavailable     clamd could not be reached or did not answer in time (transient)
-└── StorageError         a move or claim failed in a way that needs an operator
-    └── StorageFull      ENOSPC / EDQUOT on a destination (transient: wait for space)
+├── StorageError         a move or claim failed in a way that needs an operator
+│   └── StorageFull      ENOSPC / EDQUOT on a destination (transient: wait for space)
+└── QuarantineError      a quarantine entry cannot be restored or deleted (refused, damaged)
+    └── EntryNotFound    no quarantine entry with that id
 """
 
 from __future__ import annotations
@@ -28,3 +30,11 @@ class StorageError(WatcherError):
 
 class StorageFull(StorageError):
     """A destination filesystem is full; the file stays where it is until space returns."""
+
+
+class QuarantineError(WatcherError):
+    """A quarantine operation was refused or failed; nothing was moved."""
+
+
+class EntryNotFound(QuarantineError):
+    """No quarantine entry with that id."""

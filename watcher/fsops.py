@@ -134,6 +134,8 @@ def writer_active(path: Path) -> bool | None:
     if signal.getsignal(signal.SIGIO) in (signal.SIG_DFL, None):
         return None
     try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return None  # never open a device, FIFO or socket just to ask
         fd = os.open(path, OPEN_UPLOAD_FLAGS)
     except OSError:
         return None

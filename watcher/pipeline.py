@@ -14,6 +14,7 @@ import os
 import stat
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,6 +38,7 @@ class Outcome(enum.StrEnum):
     INFECTED = "infected"
     UNSCANNABLE = "unscannable"
     UNSCANNED = "unscanned"  # scanning switched off: delivered, never presented as scanned
+    ALLOWLISTED = "allowlisted"  # detected, but its sha256 was restored by an operator
     REJECTED = "rejected"
     HELD = "held"
     RETRY = "retry"
@@ -82,9 +84,15 @@ def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
 
 class Pipeline:
     def __init__(
-        self, config: PipelineConfig, scanner: Scanner, staging: Staging, deliverer: Deliverer
+        self,
+        config: PipelineConfig,
+        scanner: Scanner,
+        staging: Staging,
+        deliverer: Deliverer,
+        allowlisted: Callable[[str], bool] = lambda sha256: False,
     ) -> None:
         self.config = config
+        self.allowlisted = allowlisted
         self.scanner = scanner
         self.staging = staging
         self.deliverer = deliverer
@@ -161,6 +169,8 @@ class Pipeline:
         if isinstance(verdict, Clean):
             return self._deliver_clean(claim, fd, st.st_size, sha)
         if isinstance(verdict, Infected):
+            if self.allowlisted(sha):  # a restored false positive: deliver, loudly
+                return self._deliver_clean(claim, fd, st.st_size, sha, verdict.signature)
             return self._quarantine(claim, fd, st.st_size, sha, verdict.signature)
         if verdict.transient:
             claim.attempts += 1
@@ -185,13 +195,23 @@ class Pipeline:
 
     # -- outcomes -----------------------------------------------------------------------
 
-    def _deliver_clean(self, claim: Claim, fd: int, size: int, sha: str) -> Result:
+    def _deliver_clean(
+        self, claim: Claim, fd: int, size: int, sha: str, allowlisted_signature: str | None = None
+    ) -> Result:
         dest = self.deliverer.to_processed(claim, fd)
         fields: dict[str, Any] = {"path": claim.rel, "dest": str(dest), "size": size, "sha256": sha}
         expected = self.deliverer.processed_dir / claim.rel
         if dest != expected:
             fields["renamed_from"] = str(expected)
             logger.bind(event="file.renamed", **fields).warning("name taken in processed")
+        if allowlisted_signature is not None:
+            logger.bind(
+                event="file.allowlisted", signature=allowlisted_signature, **fields
+            ).warning("detected, but its sha256 is allowlisted: delivered")
+            return Result(
+                Outcome.ALLOWLISTED, claim.rel, dest=dest, size=size, sha256=sha,
+                signature=allowlisted_signature,
+            )  # fmt: skip
         logger.bind(event="file.clean", **fields).info("clean")
         return Result(Outcome.CLEAN, claim.rel, dest=dest, size=size, sha256=sha)
 
@@ -225,11 +245,12 @@ class Pipeline:
 
     def _reject(self, rel: str, st: os.stat_result, reason: str) -> Result:
         key = (rel, st.st_ino, st.st_mtime_ns)
-        if key not in self._rejected:
-            if len(self._rejected) >= _REJECTED_MEMORY:
-                self._rejected.clear()
-            self._rejected.add(key)
-            logger.bind(event="file.rejected", path=rel, reason=reason).warning("not scanned")
+        if key in self._rejected:  # met again by a sweep: neither logged nor counted again
+            return Result(Outcome.REJECTED, rel, reason=reason, fields={"repeat": True})
+        if len(self._rejected) >= _REJECTED_MEMORY:
+            self._rejected.clear()
+        self._rejected.add(key)
+        logger.bind(event="file.rejected", path=rel, reason=reason).warning("not scanned")
         return Result(Outcome.REJECTED, rel, reason=reason)
 
     def _reject_claim(self, claim: Claim, st: os.stat_result, reason: str) -> Result:
@@ -263,6 +284,10 @@ class Pipeline:
             "claimed_at": datetime.fromtimestamp(claim.claimed_at, UTC).isoformat(),
             "clamd_version": self._version(),
         }
+
+    def forget_clamd_version(self) -> None:
+        """clamd loaded new definitions: the next quarantine record asks VERSION again."""
+        self._clamd_version = None
 
     def _version(self) -> str | None:
         if self._clamd_version is None:

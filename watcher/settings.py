@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -103,6 +104,24 @@ class Settings(BaseSettings):
     retry_max_backoff_s: Seconds = 30.0
     shutdown_grace_s: Seconds = 30.0
 
+    # Operations surface: HTTP (health, readiness, metrics, verdicts), heartbeat, probes.
+    http_addr: str = "127.0.0.1:9090"  # "host:port", "[::1]:port"; "" or "off" disables HTTP
+    http_max_wait_s: Seconds = 60.0  # upper bound of GET /v1/files/<path>?wait=SECONDS
+    verdict_memory: int = Field(10_000, ge=1)  # final verdicts kept for the lookup
+    heartbeat_interval_s: Seconds = 5.0  # the daemon touches <state_dir>/heartbeat.json
+    probe_timeout_s: Seconds = 0.5  # clamd PING by /readyz, /metrics and `watcher healthcheck`
+
+    @field_validator("http_addr")
+    @classmethod
+    def _check_http_addr(cls, value: str) -> str:
+        parse_http_addr(value)
+        return value
+
+    @property
+    def http_bind(self) -> tuple[str, int] | None:
+        """(host, port) to listen on, or None when HTTP is switched off."""
+        return parse_http_addr(self.http_addr)
+
     @field_validator("ignore_patterns", mode="before")
     @classmethod
     def _split_patterns(cls, value: Any) -> Any:
@@ -133,6 +152,27 @@ class Settings(BaseSettings):
         """Private claim area: on the uploads filesystem so a claim is a rename."""
         return self.uploads_dir / ".watcher"
 
+    # Scheduled jobs (README: Scheduled jobs). Durations accept "90m", "4h", "30d"; sizes "100M", "2G".
+    update_interval: Seconds = 4 * 3600.0  # the ClamAV mirrors rate-limit: keep >= 1h
+    update_command: str = "freshclam --config-file=/etc/clamav/freshclam.conf"  # "": no updates
+    update_timeout: Seconds = 900.0
+    definitions_dir: Path = Path("/var/lib/clamav")  # clamd's DatabaseDirectory
+    definitions_max_age: Seconds = 48 * 3600.0
+    rescan_window: Seconds = 24 * 3600.0
+    quarantine_retention: Seconds = 30 * 86400.0
+    quarantine_max_bytes: Bytes | None = None  # None: no size cap, only the retention
+
+    @field_validator("update_command")
+    @classmethod
+    def _split_command(cls, value: str) -> str:
+        shlex.split(value)  # unbalanced quotes: a ValueError naming WATCHER_UPDATE_COMMAND
+        return value
+
+    @property
+    def update_argv(self) -> list[str]:
+        """The update command split shell-style; it is never run through a shell."""
+        return shlex.split(self.update_command)
+
 
 def load_settings(**overrides: Any) -> Settings:
     """Build the settings, turning every problem into one ConfigError naming the setting."""
@@ -159,3 +199,13 @@ def _env_name(field: str) -> str:
         "scanning_enabled": "VIRUS_SCANNING_ENABLED",
     }
     return aliases.get(field, field if field.isupper() else f"WATCHER_{field.upper()}")
+
+
+def parse_http_addr(value: str) -> tuple[str, int] | None:
+    """``127.0.0.1:9090`` -> ("127.0.0.1", 9090); ``[::1]:9090``; ``:9090`` is every address."""
+    if value.strip().lower() in ("", "off"):
+        return None
+    host, sep, port = value.strip().rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"not host:port: {value!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - explicit ":port" asks for it

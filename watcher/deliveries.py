@@ -1,0 +1,118 @@
+"""The delivery log: one JSON line per file delivered clean, so a rescan need not walk processed.
+
+``<WATCHER_STATE_DIR>/deliveries.jsonl``, append-only; entries older than the rescan window are
+pruned by rewriting the file atomically. Every access holds an flock on ``deliveries.lock``, so
+the daemon and a `watcher update-definitions` run can share it. Appends are not fsynced: a crash
+may lose the last few entries (those files are then not rescanned), and a torn last line is
+skipped when read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from watcher.pipeline import Outcome, Result
+
+LOG_NAME = "deliveries.jsonl"
+
+
+@dataclass(frozen=True)
+class Delivery:
+    at: datetime
+    dest: str  # relative to the processed directory
+    rel: str  # the upload's relative path
+    size: int | None
+    sha256: str | None
+    dev: int  # identity of the delivered file: a rescan skips a name that now holds another
+    ino: int
+
+    def to_line(self) -> bytes:
+        body = asdict(self) | {"at": self.at.isoformat()}
+        return json.dumps(body, separators=(",", ":")).encode() + b"\n"
+
+    @classmethod
+    def from_line(cls, line: bytes) -> Delivery | None:
+        try:
+            body = json.loads(line)
+            return cls(**(body | {"at": datetime.fromisoformat(body["at"])}))
+        except (ValueError, TypeError, KeyError):
+            return None  # a line torn by a crash
+
+
+class DeliveryLog:
+    def __init__(self, state_dir: Path, processed_dir: Path) -> None:
+        self.path = state_dir / LOG_NAME
+        self.processed_dir = processed_dir
+        self._lock_path = state_dir / "deliveries.lock"
+        self._mutex = threading.Lock()  # flock is per open file, not per thread
+        self._dir_ready = False
+
+    def record(self, result: Result) -> None:
+        """Daemon listener: note each clean delivery (with the identity of the file delivered)."""
+        if result.outcome is not Outcome.CLEAN or result.dest is None:
+            return
+        try:
+            st = os.lstat(result.dest)
+        except FileNotFoundError:
+            return  # already taken away by the app: nothing left to rescan
+        dest = os.path.relpath(result.dest, self.processed_dir)
+        at = datetime.now(UTC)
+        entry = Delivery(at, dest, result.rel, result.size, result.sha256, st.st_dev, st.st_ino)
+        self.append(entry)
+
+    def append(self, entry: Delivery) -> None:
+        with self._locked():
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, entry.to_line())
+            finally:
+                os.close(fd)
+
+    def entries(self, since: datetime) -> list[Delivery]:
+        """Deliveries at or after `since`, oldest first."""
+        with self._locked():
+            return [e for e in self._read() if e.at >= since]
+
+    def prune(self, now: datetime, window_s: float) -> int:
+        """Drop entries older than the window; returns how many went."""
+        cutoff = now - timedelta(seconds=window_s)
+        with self._locked():
+            entries = list(self._read())
+            keep = [e for e in entries if e.at >= cutoff]
+            if len(keep) == len(entries):
+                return 0
+            tmp = self.path.with_name(f".{LOG_NAME}.tmp")
+            tmp.write_bytes(b"".join(e.to_line() for e in keep))
+            os.replace(tmp, self.path)
+            return len(entries) - len(keep)
+
+    def _read(self) -> Iterator[Delivery]:
+        try:
+            with open(self.path, "rb") as f:
+                for line in f:
+                    entry = Delivery.from_line(line)
+                    if entry is not None:
+                        yield entry
+        except FileNotFoundError:
+            return
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        with self._mutex:
+            if not self._dir_ready:
+                self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                self._dir_ready = True
+            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)

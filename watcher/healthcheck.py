@@ -1,0 +1,112 @@
+"""`watcher healthcheck`, for Docker's HEALTHCHECK: standard library only, well under a second.
+
+It reads ``<state_dir>/heartbeat.json``, which the daemon rewrites every few seconds while
+its loops are alive and which names the clamd the daemon uses, checks that the daemon's pid
+is alive and the heartbeat is fresh, then sends clamd a PING with a short timeout. It loads
+no settings model: the state directory comes from WATCHER_STATE_DIR, else ``state_dir`` in
+the WATCHER_CONFIG file, else the default. Exit 0 healthy, 1 not, with one line saying why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+HEARTBEAT_FILE = "heartbeat.json"
+HEARTBEAT_MISSES = 3  # a heartbeat older than this many intervals: the daemon is stuck
+DEFAULT_STATE_DIR = "/var/lib/watcher"  # Settings.state_dir's default (a test keeps them equal)
+
+
+def main() -> int:
+    ok, line = check(state_dir())
+    print(line, flush=True)
+    return 0 if ok else 1
+
+
+def state_dir() -> Path:
+    if os.environ.get("WATCHER_STATE_DIR"):
+        return Path(os.environ["WATCHER_STATE_DIR"])
+    config = os.environ.get("WATCHER_CONFIG")
+    if config:
+        try:
+            with open(config, "rb") as f:
+                return Path(tomllib.load(f).get("state_dir", DEFAULT_STATE_DIR))
+        except (OSError, tomllib.TOMLDecodeError):
+            pass  # then the heartbeat is looked for in the default place, and reported missing
+    return Path(DEFAULT_STATE_DIR)
+
+
+def check(state: Path, now: float | None = None) -> tuple[bool, str]:
+    path = state / HEARTBEAT_FILE
+    try:
+        beat: dict[str, Any] = json.loads(path.read_bytes())
+        age_s = (time.time() if now is None else now) - path.stat().st_mtime
+        pid = int(beat["pid"])
+        interval_s = float(beat["interval_s"])
+    except FileNotFoundError:
+        return False, f"daemon not running: no heartbeat at {path}"
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return False, f"daemon state unreadable: {path}: {err!r}"
+    if not pid_alive(pid):
+        return False, f"daemon not running: pid {pid} is gone (stale {path})"
+    limit_s = HEARTBEAT_MISSES * interval_s + 1
+    if age_s > limit_s:
+        return False, f"daemon stuck: last heartbeat {age_s:.0f}s ago (limit {limit_s:.0f}s)"
+    clamd = beat.get("clamd")
+    if not clamd:
+        return True, f"ok: daemon pid {pid} alive; scanning disabled, clamd not checked"
+    problem = ping(clamd, float(beat.get("probe_timeout_s", 0.5)))
+    if problem is not None:
+        return False, f"clamd not answering PING at {clamd}: {problem}"
+    return True, f"ok: daemon pid {pid} alive, clamd answered PING"
+
+
+def ping(address: str, timeout_s: float) -> str | None:
+    """PING clamd at a unix socket path or ``host:port``; None if it answered PONG."""
+    if address.startswith("/"):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        target: Any = address
+    else:
+        host, _, port = address.rpartition(":")
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        target = (host.strip("[]"), int(port))
+    deadline = time.monotonic() + timeout_s
+    try:
+        sock.settimeout(timeout_s)
+        sock.connect(target)
+        sock.sendall(b"zPING\0")
+        reply = b""
+        while not reply.endswith(b"\0") and len(reply) < 64:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            chunk = sock.recv(64)
+            if not chunk:
+                break
+            reply += chunk
+    except OSError as err:
+        return str(err) or type(err).__name__
+    finally:
+        sock.close()
+    answer = reply.rstrip(b"\0").decode("ascii", "replace").strip()
+    return None if answer == "PONG" else f"answered {answer!r}"
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, owned by another user
+    return True
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""Prometheus metrics, on a registry of the daemon's own (never prometheus-client's global one).
+
+Counters and the histogram are fed by a daemon listener (every final result) and by a loguru
+sink that counts log events by name, so an alert can use any event (`file.infected_late`,
+`definitions.update_failed`, `job.failed`) without a metric of its own. Gauges are read from
+the daemon when scraped.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loguru import logger
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from watcher.pipeline import Outcome, Result
+
+if TYPE_CHECKING:
+    from watcher.daemon import Daemon
+
+VERDICTS = ("clean", "infected", "rejected", "unscannable", "unscanned", "allowlisted")
+_VERDICT_OF = {Outcome.HELD: "unscannable"}
+_SCANNED = {Outcome.CLEAN, Outcome.ALLOWLISTED, Outcome.INFECTED, Outcome.UNSCANNABLE, Outcome.HELD}
+# Events the alert rules count, present at 0 from the start: Prometheus' increase() misses
+# the first increment of a series that appears at 1. (Names from the jobs included.)
+ALERTED_EVENTS = (
+    ("file.infected", "WARNING"),
+    ("file.infected_late", "ERROR"),
+    ("file.unscannable", "ERROR"),
+    ("clamd.down", "ERROR"),
+    ("definitions.update_failed", "ERROR"),
+    ("job.failed", "ERROR"),
+    ("quarantine.near_full", "WARNING"),
+)
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    def __init__(self, daemon: Daemon, probe_clamd: Callable[[], str | None]) -> None:
+        self.registry = CollectorRegistry()
+        self.files = Counter(
+            "watcher_files", "Files by final verdict.", ["verdict"], registry=self.registry
+        )
+        for verdict in VERDICTS:
+            self.files.labels(verdict)
+        self.scan_duration = Histogram(
+            "watcher_scan_duration_seconds",
+            "Time from claim to delivery of a scanned file (scan, checks, move).",
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.events = Counter(
+            "watcher_events", "Log events by event name and level.", ["event", "level"],
+            registry=self.registry,
+        )  # fmt: skip
+        for event, level in ALERTED_EVENTS:
+            self.events.labels(event, level)
+        self.registry.register(_DaemonCollector(daemon, probe_clamd))
+        self._sink_id: int | None = None
+
+    def start(self) -> None:
+        self._sink_id = logger.add(self._count_event, level="INFO", format="{message}")
+
+    def stop(self) -> None:
+        if self._sink_id is not None:
+            logger.remove(self._sink_id)
+            self._sink_id = None
+
+    def observe(self, result: Result) -> None:
+        """Daemon listener: one final result."""
+        if result.outcome is Outcome.GONE or result.fields.get("repeat"):
+            return
+        self.files.labels(_VERDICT_OF.get(result.outcome, result.outcome.value)).inc()
+        if result.outcome in _SCANNED:
+            self.scan_duration.observe(result.duration_ms / 1000)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def _count_event(self, message: Any) -> None:
+        record = message.record
+        name = record["extra"].get("event")
+        if isinstance(name, str):
+            self.events.labels(name, record["level"].name).inc()
+
+
+class _DaemonCollector(Collector):
+    """Gauges read from the daemon at scrape time."""
+
+    def __init__(self, daemon: Daemon, probe_clamd: Callable[[], str | None]) -> None:
+        self._daemon = daemon
+        self._probe_clamd = probe_clamd
+
+    def collect(self) -> Iterable[Metric]:
+        d = self._daemon
+        s = d.settings
+        now = time.time()
+        yield _gauge("watcher_queue_depth", "Files waiting in the in-memory queue.", len(d.queue))
+        yield _gauge("watcher_in_flight", "Files being scanned or delivered now.", d.in_flight)
+        oldest = oldest_pending_s(s.uploads_dir, s.staging_root, d.intake.ignored, now)
+        yield _gauge(
+            "watcher_oldest_pending_seconds",
+            "Age of the oldest file not yet delivered (in uploads or claimed); 0 if none.",
+            oldest,
+        )
+        clamd_up = s.scanning_enabled and self._probe_clamd() is None
+        yield _gauge("watcher_clamd_up", "1 if clamd answers PING.", 1 if clamd_up else 0)
+        yield self._definitions_age(now)
+        yield _gauge(
+            "watcher_definitions_stale", "1 if the loaded definitions are stale.",
+            1 if d.definitions.stale else 0,
+        )  # fmt: skip
+        files, size = quarantine_usage(s.quarantine_dir)
+        yield _gauge("watcher_quarantine_files", "Files held in quarantine.", files)
+        yield _gauge("watcher_quarantine_bytes", "Bytes held in quarantine.", size)
+        yield self._quarantine_cap()
+        yield from self._jobs()
+
+    def _definitions_age(self, now: float) -> Metric:
+        family = GaugeMetricFamily(
+            "watcher_definitions_age_seconds",
+            "Age of the loaded virus definitions (absent when clamd reports no date).",
+        )
+        loaded = self._daemon.definitions.loaded
+        age = loaded.age_s(datetime.fromtimestamp(now, UTC)) if loaded else None
+        if age is not None:
+            family.add_metric([], age)
+        return family
+
+    def _quarantine_cap(self) -> Metric:
+        family = GaugeMetricFamily(
+            "watcher_quarantine_max_bytes",
+            "WATCHER_QUARANTINE_MAX_BYTES, the retention job's cap (absent when there is none).",
+        )
+        cap = getattr(self._daemon.settings, "quarantine_max_bytes", None)  # the jobs' setting
+        if cap:
+            family.add_metric([], cap)
+        return family
+
+    def _jobs(self) -> Iterator[Metric]:
+        success = GaugeMetricFamily(
+            "watcher_job_last_success_timestamp_seconds",
+            "Unix time of each scheduled job's last success.", labels=["job"],
+        )  # fmt: skip
+        failure = GaugeMetricFamily(
+            "watcher_job_last_failure_timestamp_seconds",
+            "Unix time of each scheduled job's last failure.", labels=["job"],
+        )  # fmt: skip
+        for name, run in sorted(self._daemon.job_status.snapshot().items()):
+            if run.last_success is not None:
+                success.add_metric([name], run.last_success.timestamp())
+            if run.last_failure is not None:
+                failure.add_metric([name], run.last_failure.timestamp())
+        yield success
+        yield failure
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=value)
+
+
+def quarantine_usage(quarantine_dir: Path) -> tuple[int, int]:
+    """Quarantined files (not their .json records, not temp files) and their total size."""
+    files = size = 0
+    try:
+        entries = list(os.scandir(quarantine_dir))
+    except FileNotFoundError:
+        return 0, 0
+    for entry in entries:
+        if entry.name.startswith(".") or entry.name.endswith(".json"):
+            continue
+        try:
+            if entry.is_file(follow_symlinks=False):
+                files += 1
+                size += entry.stat(follow_symlinks=False).st_size
+        except FileNotFoundError:
+            continue
+    return files, size
+
+
+def oldest_pending_s(
+    uploads_dir: Path, staging_root: Path, ignored: Callable[[Path], bool], now: float
+) -> float:
+    """Seconds since the oldest waiting file arrived (its ctime: a rename or link counts)."""
+    oldest = now
+    skip = str(staging_root)
+    for dirpath, dirnames, filenames in os.walk(uploads_dir):
+        dirnames[:] = [
+            d for d in dirnames
+            if os.path.join(dirpath, d) != skip and not ignored(Path(dirpath, d))
+        ]  # fmt: skip
+        for name in filenames:
+            path = Path(dirpath, name)
+            if not ignored(path):
+                oldest = min(oldest, _ctime(path, now))
+    for claim in staging_root.glob("d-*/*.data"):
+        oldest = min(oldest, _ctime(claim, now))
+    return max(0.0, now - oldest)
+
+
+def _ctime(path: Path, default: float) -> float:
+    try:
+        return os.lstat(path).st_ctime
+    except FileNotFoundError:
+        return default

@@ -1,0 +1,245 @@
+"""The verdict lookup: what became of the file the app uploaded as <relative path>.
+
+States (`State`): ``pending`` while the file waits in uploads or is being scanned, then one
+final state: ``clean`` (also for an allowlisted file, with ``allowlisted: true``),
+``infected``, ``unscannable``, ``rejected`` (symlink, not a regular file, several hard links),
+``unscanned`` (delivered with scanning switched off); ``unknown`` when this daemon has no
+record (never seen, or decided before a restart or more than `capacity` files ago).
+
+`wait` holds until the state is final or the time is up. It is woken by `record` (a daemon
+listener) for its own path only; no polling.
+
+A file being scanned is in no directory the app knows: it is found through the staging
+journals (`ClaimIndex`), which are append-only, so each of their bytes is read once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from watcher.pipeline import Outcome, Result, _refusal
+
+State = Literal["pending", "clean", "infected", "unscannable", "rejected", "unscanned", "unknown"]
+FINAL_STATES: frozenset[str] = frozenset(
+    {"clean", "infected", "unscannable", "rejected", "unscanned"}
+)
+_STATE_OF: dict[Outcome, State] = {
+    Outcome.CLEAN: "clean",
+    Outcome.ALLOWLISTED: "clean",
+    Outcome.INFECTED: "infected",
+    Outcome.UNSCANNABLE: "unscannable",
+    Outcome.HELD: "unscannable",
+    Outcome.REJECTED: "rejected",
+    Outcome.UNSCANNED: "unscanned",
+}
+
+
+@dataclass(frozen=True)
+class FileStatus:
+    path: str
+    state: State
+    location: str | None = None  # "processed/<path>", "quarantine/<id>", "uploads/<path>"
+    sha256: str | None = None
+    signature: str | None = None
+    reason: str | None = None
+    scanned_at: str | None = None
+    allowlisted: bool = False
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL_STATES
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Verdicts:
+    def __init__(
+        self,
+        uploads_dir: Path,
+        processed_dir: Path,
+        staging_root: Path,
+        capacity: int = 10_000,
+    ) -> None:
+        self.uploads_dir = uploads_dir
+        self.processed_dir = processed_dir
+        self.staging_root = staging_root
+        self.capacity = capacity
+        self._claims = ClaimIndex(staging_root)
+        self._known: OrderedDict[str, tuple[float, FileStatus]] = OrderedDict()
+        self._cond = threading.Condition()
+        self._waiting = 0
+        self._closed = False
+
+    # -- written by the daemon ----------------------------------------------------------
+
+    def record(self, result: Result) -> None:
+        """Listener for final results; wakes whoever waits on this path."""
+        state = _STATE_OF.get(result.outcome)
+        if state is None:  # GONE: another daemon decided it
+            return
+        status = FileStatus(
+            path=result.rel,
+            state=state,
+            location=self._location(result),
+            sha256=result.sha256,
+            signature=result.signature,
+            reason=result.reason,
+            scanned_at=None
+            if state in ("rejected", "unscanned")
+            else datetime.now(UTC).isoformat(timespec="milliseconds"),
+            allowlisted=result.outcome is Outcome.ALLOWLISTED,
+        )
+        with self._cond:
+            self._known[result.rel] = (time.time(), status)
+            self._known.move_to_end(result.rel)
+            while len(self._known) > self.capacity:
+                self._known.popitem(last=False)
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Release every waiter (they answer with the state they have)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    # -- read by the API ----------------------------------------------------------------
+
+    @property
+    def waiting(self) -> int:
+        with self._cond:
+            return self._waiting
+
+    def lookup(self, rel: str) -> FileStatus:
+        """`rel` is already checked: relative, no ``..``, no NUL (see api.parse_file_path)."""
+        if self._inside_staging(rel):
+            return FileStatus(rel, "unknown")
+        st = self._lstat_upload(rel)
+        if st is not None:
+            reason = _refusal(st)
+            if reason is not None:
+                return FileStatus(rel, "rejected", location=f"uploads/{rel}", reason=reason)
+            return FileStatus(rel, "pending", location=f"uploads/{rel}")
+        with self._cond:
+            recorded_at, known = self._known.get(rel, (0.0, None))
+        # Claimed after the verdict we hold: a new upload under the same name, being scanned.
+        # (The claim a verdict came from lingers in staging until its delivery is committed.)
+        if any(at > recorded_at for at in self._claims.claimed_at(rel)):
+            return FileStatus(rel, "pending")
+        return known or FileStatus(rel, "unknown")
+
+    def wait(self, rel: str, timeout_s: float) -> FileStatus:
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            self._waiting += 1
+        try:
+            while True:
+                with self._cond:
+                    before = self._known.get(rel)
+                status = self.lookup(rel)
+                remaining = deadline - time.monotonic()
+                if status.final or remaining <= 0 or self._closed:
+                    return status
+                self._wait_for_change(rel, before, remaining)
+        finally:
+            with self._cond:
+                self._waiting -= 1
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _wait_for_change(
+        self, rel: str, before: tuple[float, FileStatus] | None, timeout_s: float
+    ) -> None:
+        """Sleep until a verdict for `rel` is recorded (or we close); others don't wake us."""
+        with self._cond:
+            self._cond.wait_for(
+                lambda: self._known.get(rel) is not before or self._closed, timeout_s
+            )
+
+    def _location(self, result: Result) -> str | None:
+        dest = result.dest
+        if dest is None:
+            return f"uploads/{result.rel}" if result.outcome is Outcome.REJECTED else None
+        if result.outcome in (Outcome.CLEAN, Outcome.ALLOWLISTED, Outcome.UNSCANNED):
+            return "processed/" + os.path.relpath(dest, self.processed_dir)
+        if result.outcome is Outcome.HELD:
+            return f"held/{dest.name}"
+        return f"quarantine/{dest.name}"
+
+    def _inside_staging(self, rel: str) -> bool:
+        path = os.path.join(self.uploads_dir, rel)
+        root = str(self.staging_root)
+        return path == root or path.startswith(root + os.sep)
+
+    def _lstat_upload(self, rel: str) -> os.stat_result | None:
+        """lstat inside uploads only: a symlinked directory on the way does not count."""
+        path = self.uploads_dir / rel
+        root = os.path.realpath(self.uploads_dir)
+        parent = os.path.realpath(path.parent)
+        if parent != root and not parent.startswith(root + os.sep):
+            return None
+        try:
+            return os.lstat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+
+class ClaimIndex:
+    """Which uploads are claimed right now, from the daemons' staging journals.
+
+    A journal line ``{"id", "rel", "at"}`` announces a claim whose bytes are
+    ``<daemon dir>/<id>.data`` until delivered. Segments only grow, and are deleted whole.
+    """
+
+    def __init__(self, staging_root: Path) -> None:
+        self.staging_root = staging_root
+        self._lock = threading.Lock()
+        # segment -> (inode, bytes read, rel -> [(id, claimed at)])
+        self._segments: dict[Path, tuple[int, int, dict[str, list[tuple[str, float]]]]] = {}
+
+    def claimed_at(self, rel: str) -> list[float]:
+        """When each live claim of `rel` was made (usually none, or one)."""
+        with self._lock:
+            self._refresh()
+            found = []
+            for segment, (_, _, rels) in self._segments.items():
+                for claim_id, at in rels.get(rel, ()):
+                    if os.path.lexists(segment.parent / f"{claim_id}.data"):
+                        found.append(at)
+            return found
+
+    def _refresh(self) -> None:
+        present = set(self.staging_root.glob("d-*/journal-*"))
+        for gone in self._segments.keys() - present:
+            del self._segments[gone]
+        for segment in present:
+            try:
+                self._read_new(segment)
+            except OSError:
+                self._segments.pop(segment, None)
+
+    def _read_new(self, segment: Path) -> None:
+        with open(segment, "rb") as f:
+            inode = os.fstat(f.fileno()).st_ino
+            known_inode, offset, rels = self._segments.get(segment, (inode, 0, {}))
+            if known_inode != inode:
+                offset, rels = 0, {}
+            f.seek(offset)
+            data = f.read()
+        complete = data[: data.rfind(b"\n") + 1]  # a line still being written waits
+        for line in complete.splitlines():
+            try:
+                fields = json.loads(line)
+                if "rel" in fields:
+                    rels.setdefault(fields["rel"], []).append((fields["id"], float(fields["at"])))
+            except (ValueError, KeyError, TypeError):
+                continue
+        self._segments[segment] = (inode, offset + len(complete), rels)

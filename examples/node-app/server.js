@@ -96,7 +96,8 @@ async function handleUpload(req, res, url) {
   log('upload.stored', { id, size });
   const v = await verdict(id, VERDICT_WAIT_S);
   log('upload.verdict', { id, state: v.state });
-  const status = v.state === 'clean' ? 201 : v.state === 'pending' ? 202 : 422;
+  // clean: 201; not decided yet (pending, or not seen yet: unknown): 202; anything else: 422.
+  const status = v.state === 'clean' ? 201 : ['pending', 'unknown'].includes(v.state) ? 202 : 422;
   send(res, status, { id, size, verdict: v });
 }
 

@@ -120,10 +120,8 @@ CLAMAV_SOCKET='' CLAMAV_HOST=127.0.0.1 CLAMAV_PORT=3310 bash -c '. /usr/local/li
     fail "clamd does not answer PING on TCP 3310"
 ok "clamd answers PING on TCP 3310 (for the app container)"
 
-# The wrapper runs `watcher healthcheck`, or its own interim check where the package has none yet.
-if watcher --help 2>/dev/null | grep -qw healthcheck; then hc_impl="watcher healthcheck"; else hc_impl="interim check in the wrapper"; fi
 hc=$(/usr/local/bin/watcher-healthcheck 2>&1) || fail "healthcheck failed: $hc"
-ok "watcher-healthcheck exits 0 ($hc_impl: $hc)"
+ok "watcher-healthcheck exits 0 ($hc)"
 hc=$(setpriv --reuid=1000 --regid=1000 --clear-groups /usr/local/bin/watcher-healthcheck 2>&1) ||
     fail "healthcheck as uid 1000 failed: $hc"
 ok "watcher-healthcheck as uid 1000 (how docker runs it) exits 0"
@@ -191,6 +189,74 @@ ok "clean.txt in processed with identical bytes: $(processed_copy clean.txt)"
 
 hc=$(/usr/local/bin/watcher-healthcheck 2>&1) || fail "healthcheck failed after scanning: $hc"
 ok "watcher-healthcheck still exits 0"
+
+# --- the watcher's HTTP API on 0.0.0.0:9090 (what the app container uses) -----------------------------
+http_get() { # path -> "STATUS BODY"
+    python3 - "$1" <<'PY'
+import sys, urllib.request, urllib.error
+try:
+    with urllib.request.urlopen("http://127.0.0.1:9090" + sys.argv[1], timeout=10) as r:
+        print(r.status, r.read().decode(errors="replace"))
+except urllib.error.HTTPError as e:
+    print(e.code, e.read().decode(errors="replace"))
+except OSError as e:
+    print(0, e)
+PY
+}
+r=$(http_get /healthz)
+[[ $r == 200* ]] || fail "GET /healthz: $r"
+ok "GET /healthz: 200"
+r=$(http_get /readyz)
+[[ $r == 200* ]] || fail "GET /readyz: $r"
+ok "GET /readyz: 200"
+r=$(http_get '/v1/files/clean.bin?wait=5')
+grep -q '"state": *"clean"' <<<"$r" || fail "GET /v1/files/clean.bin: $r"
+ok "GET /v1/files/clean.bin: state clean"
+r=$(http_get '/v1/files/eicar.zip?wait=5')
+grep -q '"state": *"infected"' <<<"$r" || fail "GET /v1/files/eicar.zip: $r"
+ok "GET /v1/files/eicar.zip: state infected"
+r=$(http_get /metrics)
+grep -q '^watcher_files_total{verdict="infected"} 2' <<<"${r#200 }" || fail "GET /metrics: no watcher_files_total infected 2"
+ok "GET /metrics: watcher_files_total{verdict=\"infected\"} 2"
+n=$(setpriv --reuid=1000 --regid=1000 --clear-groups watcher quarantine list --json |
+    python3 -c 'import json,sys; print(len(json.load(sys.stdin)))') || fail "watcher quarantine list failed"
+((n == 2)) || fail "watcher quarantine list: $n entries, expected 2"
+ok "watcher quarantine list: 2 entries"
+
+# --- definitions update in the image: freshclam -> RELOAD -> a new signature is live ----------------
+# freshclam runs for real against a loopback "mirror" that serves one custom signature file.
+marker="WATCHER-IMAGE-MARKER-$(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+mkdir -p "$work/mirror"
+printf 'Watcher.Test.ImageMarker:0:*:%s\n' "$(printf %s "$marker" | od -An -tx1 | tr -d ' \n')" \
+    >"$work/mirror/image-marker.ndb"
+python3 -m http.server 8765 --bind 127.0.0.1 --directory "$work/mirror" >"$work/mirror.log" 2>&1 &
+mirror_pid=$!
+{
+    grep -v '^DatabaseMirror\|^UpdateLogFile' /etc/clamav/freshclam.conf
+    printf '%s\n' 'ExcludeDatabase main' 'ExcludeDatabase daily' 'ExcludeDatabase bytecode' \
+        'DatabaseMirror http://127.0.0.1:9' 'DatabaseCustomURL http://127.0.0.1:8765/image-marker.ndb'
+} >"$work/freshclam-local.conf"
+chmod 0644 "$work/freshclam-local.conf"
+sleep 0.5
+rc=0
+upd=$(setpriv --reuid=1000 --regid=1000 --clear-groups env HOME=/var/lib/watcher \
+    WATCHER_UPDATE_COMMAND="freshclam --config-file=$work/freshclam-local.conf --no-dns" \
+    watcher update-definitions 2>&1) || rc=$?
+kill "$mirror_pid" 2>/dev/null
+((rc == 0)) || fail "watcher update-definitions: exit $rc: $(tail -n 15 <<<"$upd")"
+[[ -f /var/lib/clamav/image-marker.ndb ]] || fail "freshclam did not install image-marker.ndb"
+ok "watcher update-definitions: freshclam fetched a new signature, clamd reloaded (exit 0)"
+printf 'hello %s\n' "$marker" >"$work/marked.txt"
+chmod 0644 "$work/marked.txt"
+as_app cp "$work/marked.txt" "$uploads/.marked.txt.part" && as_app mv "$uploads/.marked.txt.part" "$uploads/marked.txt"
+waited=0
+until grep -rqF "$marker" "$quarantine" 2>/dev/null; do
+    ((waited >= OUTCOME_TIMEOUT)) && fail "file with the new signature's marker not quarantined"
+    sleep 1
+    waited=$((waited + 1))
+done
+grep -rqF "$marker" "$processed" && fail "file with the new signature's marker in processed"
+ok "an upload matching the freshly loaded signature is quarantined"
 
 # --- stop ----------------------------------------------------------------------------------------
 kill -TERM "$pid"

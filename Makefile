@@ -59,3 +59,5 @@ format: install
 
 clean:
 	rm -rf $(VENV) var build *.egg-info
+
+include docker/image.mk

@@ -43,7 +43,7 @@ _STATE_OF: dict[Outcome, State] = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # up to WATCHER_VERDICT_MEMORY of these are kept
 class FileStatus:
     path: str
     state: State

@@ -15,10 +15,11 @@ import json
 import os
 import threading
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from watcher.fsops import relative_to
 from watcher.pipeline import Outcome, Result
 
 LOG_NAME = "deliveries.jsonl"
@@ -35,7 +36,10 @@ class Delivery:
     ino: int
 
     def to_line(self) -> bytes:
-        body = asdict(self) | {"at": self.at.isoformat()}
+        body = {  # not dataclasses.asdict: it deep-copies every field, once per delivery
+            "at": self.at.isoformat(), "dest": self.dest, "rel": self.rel, "size": self.size,
+            "sha256": self.sha256, "dev": self.dev, "ino": self.ino,
+        }  # fmt: skip
         return json.dumps(body, separators=(",", ":")).encode() + b"\n"
 
     @classmethod
@@ -63,7 +67,9 @@ class DeliveryLog:
             st = os.lstat(result.dest)
         except FileNotFoundError:
             return  # already taken away by the app: nothing left to rescan
-        dest = os.path.relpath(result.dest, self.processed_dir)
+        dest = relative_to(result.dest, self.processed_dir) or os.path.relpath(
+            result.dest, self.processed_dir
+        )
         at = datetime.now(UTC)
         entry = Delivery(at, dest, result.rel, result.size, result.sha256, st.st_dev, st.st_ino)
         self.append(entry)

@@ -63,6 +63,17 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def relative_to(path: str | Path, root: str | Path) -> str | None:
+    """``path`` relative to ``root`` by plain prefix (no normalisation), None if outside.
+
+    os.path.relpath normalises both sides on every call; paths here are built from the root.
+    """
+    path, root = os.fspath(path), os.fspath(root).rstrip(os.sep)
+    if path.startswith(root + os.sep):
+        return path[len(root) + 1 :]
+    return None
+
+
 def same_filesystem(a: Path, b: Path) -> bool:
     return os.stat(a).st_dev == os.stat(b).st_dev
 

@@ -30,7 +30,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
-from watcher.fsops import writer_active
+from watcher.fsops import relative_to, writer_active
 
 Offer = Callable[[Path], bool]
 
@@ -128,8 +128,8 @@ class Intake:
             self._watch(path)
 
     def ignored(self, path: Path) -> bool:
-        rel = os.path.relpath(path, self.uploads_dir)
-        if rel.startswith("..") or any(
+        rel = relative_to(path, self.uploads_dir)
+        if rel is None or any(
             str(path) == skip or str(path).startswith(skip + os.sep) for skip in self._skip
         ):
             return True

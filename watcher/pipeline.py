@@ -25,7 +25,7 @@ from loguru import logger
 from watcher.clamav import Scanner
 from watcher.deliver import Deliverer
 from watcher.errors import ClamdUnavailable, StorageError, StorageFull
-from watcher.fsops import OPEN_UPLOAD_FLAGS, sha256_fd
+from watcher.fsops import OPEN_UPLOAD_FLAGS, relative_to, sha256_fd
 from watcher.staging import Claim, Staging
 from watcher.verdict import Clean, Infected, NotScanned, Verdict
 
@@ -103,7 +103,9 @@ class Pipeline:
     # -- entry points -------------------------------------------------------------------
 
     def process_upload(self, path: Path) -> Result:
-        rel = os.path.relpath(path, self.config.uploads_dir)
+        rel = relative_to(path, self.config.uploads_dir) or os.path.relpath(
+            path, self.config.uploads_dir
+        )
         try:
             st = os.lstat(path)
         except FileNotFoundError:

@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from watcher.fsops import relative_to
 from watcher.pipeline import Outcome, Result, _refusal
 
 State = Literal["pending", "clean", "infected", "unscannable", "rejected", "unscanned", "unknown"]
@@ -42,7 +43,7 @@ _STATE_OF: dict[Outcome, State] = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # up to WATCHER_VERDICT_MEMORY of these are kept
 class FileStatus:
     path: str
     state: State
@@ -169,7 +170,8 @@ class Verdicts:
         if dest is None:
             return f"uploads/{result.rel}" if result.outcome is Outcome.REJECTED else None
         if result.outcome in (Outcome.CLEAN, Outcome.ALLOWLISTED, Outcome.UNSCANNED):
-            return "processed/" + os.path.relpath(dest, self.processed_dir)
+            rel = relative_to(dest, self.processed_dir) or os.path.relpath(dest, self.processed_dir)
+            return "processed/" + rel
         if result.outcome is Outcome.HELD:
             return f"held/{dest.name}"
         return f"quarantine/{dest.name}"

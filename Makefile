@@ -48,6 +48,12 @@ test: install test-deps
 bench: install
 	$(BIN)/python bench/bench.py
 
+# Fault injection under load, then proof that nothing was lost (root; about 6 minutes; not part
+# of `make test`). docs/soak.md. E.g. make soak SOAK_ARGS="--seed 42 --minutes 10".
+.PHONY: soak
+soak: install
+	$(BIN)/python bench/soak.py $(SOAK_ARGS)
+
 lint: install
 	$(BIN)/ruff check watcher tests
 	$(BIN)/ruff format --check watcher tests

@@ -162,7 +162,7 @@ class Daemon:
         self.in_flight = 0
         self._count_lock = threading.Lock()
         self._workers: list[threading.Thread] = []
-        self._storage_full = False
+        self._waiting_for_space: dict[Path | None, set[str]] = {}  # destination → claim ids
         self._listeners: list[Callable[[Result], None]] = []
         self._closed = False
         self.job_status = JobStatus()  # written by the scheduled jobs, read by /metrics
@@ -295,9 +295,8 @@ class Daemon:
         if result.outcome is Outcome.RETRY:
             self._schedule_retry(result)
             return
-        if self._storage_full:
-            self._storage_full = False
-            logger.bind(event="storage.ok").info("space is back: delivering again")
+        if isinstance(item, Claim) and self._waiting_for_space:
+            self._space_settled(item.id)
         with self._count_lock:
             self.counts[result.outcome.value] += 1
         for listener in self._listeners:
@@ -306,22 +305,48 @@ class Daemon:
             except Exception:
                 logger.bind(event="listener.error").exception("listener failed")
 
+    def _space_settled(self, claim_id: str) -> None:
+        """`storage.ok` once the last file that waited for space in a destination is settled.
+
+        Not on the first delivery that succeeds: on a nearly full disk small files still fit
+        (and deliveries elsewhere go on) while a larger one waits, and every such success would
+        otherwise end the outage only for the next retry to start it again.
+        """
+        emptied = []
+        with self._count_lock:
+            for dest, waiting in list(self._waiting_for_space.items()):
+                if claim_id in waiting:
+                    waiting.discard(claim_id)
+                    if not waiting:
+                        del self._waiting_for_space[dest]
+                        emptied.append(dest)
+        for dest in emptied:
+            logger.bind(event="storage.ok", dest=_str(dest)).info("space is back: delivering again")
+
     def _schedule_retry(self, result: Result) -> None:
         assert result.claim is not None
         if result.retry_cause is RetryCause.CLAMD_DOWN:
             self.clamd.mark_down(result.reason or "")
         elif result.retry_cause is RetryCause.STORAGE_FULL:
-            if not self._storage_full:
-                self._storage_full = True
-                logger.bind(event="storage.full", path=result.rel, reason=result.reason).error(
-                    "destination full: files wait until space returns"
-                )
+            with self._count_lock:
+                waiting = self._waiting_for_space.setdefault(result.dest, set())
+                first = not waiting
+                waiting.add(result.claim.id)
+            if first:
+                logger.bind(
+                    event="storage.full", path=result.rel, dest=_str(result.dest),
+                    reason=result.reason,
+                ).error("destination full: files wait until space returns")  # fmt: skip
         else:
             logger.bind(
                 event="file.retry", path=result.rel, reason=result.reason,
                 attempt=result.claim.attempts, retry_in_s=result.retry_after_s,
             ).warning("not scanned yet: will retry")  # fmt: skip
         self.queue.offer(result.claim, delay_s=result.retry_after_s, force=True)
+
+
+def _str(path: Path | None) -> str | None:
+    return None if path is None else str(path)
 
 
 def scanner_from_settings(settings: Settings) -> ClamdScanner:

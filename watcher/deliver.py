@@ -57,7 +57,7 @@ class Deliverer:
             target.parent.mkdir(parents=True, exist_ok=True)
             return self._move(claim, fd, target.parent, noclobber_names(target.name))
         except OSError as err:
-            raise storage_error(err, "deliver to processed") from err
+            raise storage_error(err, "deliver to processed", self.processed_dir) from err
 
     def to_quarantine(self, claim: Claim, fd: int, metadata: dict[str, Any]) -> Path:
         """Metadata first (so data is never without it), then the bytes, read-only."""
@@ -67,7 +67,7 @@ class Deliverer:
             write_json_atomic(record, json.dumps(metadata, indent=1).encode())
             return self._move(claim, fd, self.quarantine_dir, lambda n: claim.id, 0o400)
         except OSError as err:
-            raise storage_error(err, "deliver to quarantine") from err
+            raise storage_error(err, "deliver to quarantine", self.quarantine_dir) from err
 
     def finish_interrupted(self, claim: Claim) -> Path | None:
         """After a crash mid-copy: clean up, and say if the claim had in fact arrived."""

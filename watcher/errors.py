@@ -11,6 +11,8 @@ WatcherError
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class WatcherError(Exception):
     """Base of every error watcher raises on purpose."""
@@ -30,6 +32,10 @@ class StorageError(WatcherError):
 
 class StorageFull(StorageError):
     """A destination filesystem is full; the file stays where it is until space returns."""
+
+    def __init__(self, message: str, directory: Path | None = None) -> None:
+        super().__init__(message)
+        self.directory = directory  # the destination that is full (processed, quarantine)
 
 
 class QuarantineError(WatcherError):

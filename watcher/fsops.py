@@ -25,10 +25,10 @@ COPY_CHUNK_BYTES = 1024 * 1024
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 
 
-def storage_error(err: OSError, what: str) -> StorageError:
+def storage_error(err: OSError, what: str, directory: Path | None = None) -> StorageError:
     """Translate an OSError once; a full disk is its own, transient, error."""
     if err.errno in _FULL_ERRNOS:
-        return StorageFull(f"{what}: {err.strerror}")
+        return StorageFull(f"{what}: {err.strerror}", directory)
     return StorageError(f"{what}: {err}")
 
 

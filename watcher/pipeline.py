@@ -126,6 +126,7 @@ class Pipeline:
             result = self._retry(claim, RetryCause.CLAMD_DOWN, str(err), 0.0)
         except StorageFull as err:
             result = self._retry(claim, RetryCause.STORAGE_FULL, str(err), 5.0)
+            result.dest = err.directory  # which destination is full
         except (StorageError, OSError) as err:
             logger.bind(event="file.error", path=claim.rel, reason=str(err)).exception("failed")
             result = self._retry(claim, RetryCause.ERROR, str(err), self._backoff(claim))

@@ -55,13 +55,13 @@ soak: install
 	$(BIN)/python bench/soak.py $(SOAK_ARGS)
 
 lint: install
-	$(BIN)/ruff check watcher tests
-	$(BIN)/ruff format --check watcher tests
+	$(BIN)/ruff check watcher tests bench
+	$(BIN)/ruff format --check watcher tests bench
 	$(BIN)/mypy --strict watcher
 
 format: install
-	$(BIN)/ruff format watcher tests
-	$(BIN)/ruff check --fix watcher tests
+	$(BIN)/ruff format watcher tests bench
+	$(BIN)/ruff check --fix watcher tests bench
 
 clean:
 	rm -rf $(VENV) var build *.egg-info

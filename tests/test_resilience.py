@@ -22,6 +22,7 @@ from support import (
 )
 
 from watcher.daemon import Daemon
+from watcher.staging import Staging
 from watcher.verdict import Clean, NotScanned, Verdict
 
 Start = Callable[..., Daemon]
@@ -247,3 +248,20 @@ def test_file_changed_during_scan_is_scanned_again(
         assert (dirs["processed"] / "grow.txt").read_bytes() == b"start and more"
     finally:
         daemon.close()
+
+
+def test_claims_left_by_a_daemon_that_stopped_are_taken_over_without_a_restart(
+    start_daemon: Start, dirs: dict[str, Path], events: Events
+) -> None:
+    """A scaled-down second daemon leaves claims behind; the running one finishes them."""
+    daemon = start_daemon()
+    gone = Staging(dirs["uploads"] / ".watcher")
+    gone.open()
+    (dirs["uploads"] / "left.txt").write_bytes(b"waited in a stopped daemon's staging")
+    assert gone.claim(dirs["uploads"] / "left.txt", "left.txt") is not None
+    gone.close()  # a clean stop with a claim still waiting (clamd was down, say)
+    daemon.intake.request_sweep()
+    events.wait_for("staging.adopted", path="left.txt")
+    events.wait_for("file.clean", path="left.txt")
+    assert files_under(dirs["processed"]) == {"left.txt": b"waited in a stopped daemon's staging"}
+    assert not gone.dir.exists()

@@ -169,3 +169,20 @@ def test_journal_segments_are_deleted_once_settled(
     assert len(list(staging.dir.glob("journal-*"))) == 1  # only the current one
     staging.close()
     assert not staging.dir.exists()
+
+
+def test_a_daemon_starting_up_is_never_adopted_and_a_dead_start_is_cleaned(
+    tmp_path: Path,
+) -> None:
+    """Staging directories are locked under a t-* name first; recovery ignores fresh ones."""
+    root = tmp_path / "uploads" / ".watcher"
+    starting = root / "t-d-1-aaaa"
+    starting.mkdir(parents=True)  # a daemon between mkdir and lock, right now
+    dead = root / "t-d-2-bbbb"
+    dead.mkdir()
+    os.utime(dead, (0, 0))  # a start that died long ago
+    staging = Staging(root)
+    staging.open()
+    assert staging.dir.name.startswith("d-") and (staging.dir / "lock").exists()
+    assert staging.recover() == []
+    assert starting.exists() and not dead.exists()

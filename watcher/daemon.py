@@ -156,6 +156,7 @@ class Daemon:
             polling=settings.observer == "polling",
             poll_interval_s=settings.poll_interval_s,
             skip_dirs=(settings.staging_root,),
+            after_full_sweep=self._adopt_orphans,
         )
         self.definitions = DefinitionsState()
         self.counts: Counter[str] = Counter()
@@ -252,6 +253,14 @@ class Daemon:
         except ClamdUnavailable as err:
             self.clamd.mark_down(str(err))
             return DEFAULT_WORKERS
+
+    def _adopt_orphans(self) -> None:
+        """Claims left by a daemon that stopped (or died) while we run: ours to finish."""
+        for claim in self.staging.recover():
+            logger.bind(event="staging.adopted", path=claim.rel, id=claim.id).info(
+                "took over a stopped daemon's claim"
+            )
+            self.queue.offer(claim, force=True)
 
     def _report_definitions(self) -> None:
         """Official databases put a version and date in VERSION's reply; custom-only sets don't."""

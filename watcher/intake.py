@@ -48,10 +48,12 @@ class Intake:
         polling: bool = False,
         poll_interval_s: float = 2.0,
         skip_dirs: tuple[Path, ...] = (),
+        after_full_sweep: Callable[[], None] | None = None,
     ) -> None:
         self.uploads_dir = uploads_dir
         self._offer = offer
         self._has_room = has_room
+        self._after_full_sweep = after_full_sweep
         self._ignore = ignore_patterns
         self._settle_s = settle_s
         self._sweep_interval_s = sweep_interval_s
@@ -203,6 +205,8 @@ class Intake:
             try:
                 for root in roots:
                     self._sweep(root)
+                if roots == [self.uploads_dir] and self._after_full_sweep is not None:
+                    self._after_full_sweep()
             except Exception:
                 logger.bind(event="intake.sweep_failed").exception("sweep failed")
 

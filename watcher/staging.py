@@ -146,9 +146,13 @@ class Staging:
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
         self.held_dir.mkdir(mode=0o700, exist_ok=True)
-        self.dir.mkdir(mode=0o700)
-        self._lock_fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # Locked under a name recovery ignores, then renamed: another daemon recovering at this
+        # moment must never see (and adopt) a `d-*` directory that has no lock yet.
+        setting_up = self.root / f"t-{self.dir.name}"
+        setting_up.mkdir(mode=0o700)
+        self._lock_fd = os.open(setting_up / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(setting_up, self.dir)
         self.journal.open()
 
     def close(self) -> None:
@@ -211,6 +215,13 @@ class Staging:
                 claims.extend(self._adopt(other))
                 shutil.rmtree(other, ignore_errors=True)
             finally:
+                os.close(lock_fd)
+        for unfinished in self.root.glob("t-*"):  # a start cut short: never held a claim
+            if time.time() - unfinished.stat().st_mtime < 60:
+                continue  # perhaps a daemon starting right now
+            lock_fd = self._lock_if_dead(unfinished)
+            if lock_fd is not None:
+                shutil.rmtree(unfinished, ignore_errors=True)
                 os.close(lock_fd)
         return claims
 

@@ -265,3 +265,22 @@ def test_claims_left_by_a_daemon_that_stopped_are_taken_over_without_a_restart(
     events.wait_for("file.clean", path="left.txt")
     assert files_under(dirs["processed"]) == {"left.txt": b"waited in a stopped daemon's staging"}
     assert not gone.dir.exists()
+
+
+def test_a_lasting_filesystem_error_backs_off_instead_of_flooding_the_log(
+    make_settings: Callable[..., object], dirs: dict[str, Path], events: Events
+) -> None:
+    class Failing(ScriptedScanner):
+        def scan_fd(self, fd: int) -> Verdict:
+            raise PermissionError(13, "Permission denied")
+
+    daemon = Daemon(make_settings(), Failing([]))  # type: ignore[arg-type]
+    daemon.start()
+    try:
+        (dirs["uploads"] / "stuck.txt").write_bytes(b"cannot be read")
+        retries = events.wait_for("file.retry", count=3, path="stuck.txt")
+        assert [r["retry_in_s"] for r in retries] == [1.0, 2.0, 4.0]
+        assert files_under(dirs["processed"]) == {} and quarantined(dirs["quarantine"]) == []
+        assert staged(dirs["uploads"])  # held in staging, not lost
+    finally:
+        daemon.close()

@@ -129,7 +129,8 @@ class Pipeline:
             result.dest = err.directory  # which destination is full
         except (StorageError, OSError) as err:
             logger.bind(event="file.error", path=claim.rel, reason=str(err)).exception("failed")
-            result = self._retry(claim, RetryCause.ERROR, str(err), self._backoff(claim))
+            claim.errors += 1  # backs off to WATCHER_RETRY_MAX_BACKOFF_S: a lasting fault, one line
+            result = self._retry(claim, RetryCause.ERROR, str(err), self._backoff(claim.errors))
         result.duration_ms = round((time.perf_counter() - started) * 1000, 2)
         return result
 
@@ -179,7 +180,7 @@ class Pipeline:
             claim.attempts += 1
             if claim.attempts < self.config.max_scan_attempts:
                 return self._retry(
-                    claim, RetryCause.SCAN_FAILED, verdict.reason, self._backoff(claim)
+                    claim, RetryCause.SCAN_FAILED, verdict.reason, self._backoff(claim.attempts)
                 )
         return self._unscannable(claim, fd, st.st_size, sha, verdict.reason)
 
@@ -268,8 +269,8 @@ class Pipeline:
             retry_after_s=delay_s,
         )  # fmt: skip
 
-    def _backoff(self, claim: Claim) -> float:
-        return float(min(self.config.retry_max_backoff_s, 0.5 * 2**claim.attempts))
+    def _backoff(self, failures: int) -> float:
+        return float(min(self.config.retry_max_backoff_s, 0.5 * 2**failures))
 
     def _metadata(
         self, claim: Claim, size: int, sha: str, verdict: str, **extra: Any

@@ -50,7 +50,8 @@ class Claim:
     claimed_at: float
     segment: int = 0
     dest: str | None = None  # noted before a delivery step that is not one atomic rename
-    attempts: int = 0
+    attempts: int = 0  # scans that failed for a passing cause
+    errors: int = 0  # unexpected filesystem errors in a row
 
 
 class Journal:

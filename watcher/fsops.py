@@ -32,13 +32,12 @@ def storage_error(err: OSError, what: str, directory: Path | None = None) -> Sto
     return StorageError(f"{what}: {err}")
 
 
-def rename_noreplace(
-    src: Path, dst: Path, before_fallback: Callable[[], None] | None = None
-) -> None:
+def rename_noreplace(src: Path, dst: Path) -> None:
     """Atomically rename, raising FileExistsError if dst exists (renameat2 RENAME_NOREPLACE).
 
     Filesystems without RENAME_NOREPLACE fall back to link + unlink, which is equally
-    no-clobber; a crash in between leaves two names for one inode, which recovery detects.
+    no-clobber; callers note the destination first, so a crash in between is finished, not
+    redone (see deliver.finish_interrupted).
     """
     if _renameat2 is not None:
         rc = _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE)
@@ -47,11 +46,7 @@ def rename_noreplace(
         err = ctypes.get_errno()
         if err not in (errno.EINVAL, errno.ENOSYS):
             raise OSError(err, os.strerror(err), str(dst))
-    if os.path.lexists(dst):
-        raise FileExistsError(errno.EEXIST, "File exists", str(dst))
-    if before_fallback is not None:
-        before_fallback()
-    os.link(src, dst, follow_symlinks=False)
+    os.link(src, dst, follow_symlinks=False)  # EEXIST if taken
     os.unlink(src)
 
 
@@ -72,10 +67,6 @@ def relative_to(path: str | Path, root: str | Path) -> str | None:
     if path.startswith(root + os.sep):
         return path[len(root) + 1 :]
     return None
-
-
-def same_filesystem(a: Path, b: Path) -> bool:
-    return os.stat(a).st_dev == os.stat(b).st_dev
 
 
 def sha256_fd(fd: int) -> str:
@@ -130,10 +121,6 @@ def noclobber_names(name: str) -> Callable[[int], str]:
         return os.fsdecode(os.fsencode(stem)[:room]) + tail
 
     return nth
-
-
-def is_plain_file(st: os.stat_result) -> bool:
-    return stat.S_ISREG(st.st_mode)
 
 
 def writer_active(path: Path) -> bool | None:

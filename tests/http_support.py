@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from support import run_cli
 
 from watcher.daemon import Daemon
 
@@ -44,11 +44,4 @@ def get(target: Daemon | tuple[str, int], path: str, timeout_s: float = 10.0) ->
 
 def watcher_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     """`python -m watcher ARGS` with the given environment added."""
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
-    return subprocess.run(
-        [sys.executable, "-m", "watcher", *args],
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    return run_cli(*args, env=env, timeout_s=30)

@@ -20,7 +20,8 @@ from loguru import logger
 from watcher.clamav import ClamdScanner
 from watcher.errors import ClamdUnavailable
 
-TESTSIGS = Path(__file__).resolve().parent.parent / "watcher" / "testsigs"
+ROOT = Path(__file__).resolve().parent.parent
+TESTSIGS = ROOT / "watcher" / "testsigs"
 TESTFILES = Path("/usr/share/clamav-testfiles")
 # Assembled at run time so no file in the repository is itself EICAR.
 EICAR = base64.b64decode(
@@ -38,6 +39,32 @@ def wait_until(predicate: Callable[[], Any], timeout_s: float = 15.0, what: str 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s}s waiting for {what or predicate}")
         time.sleep(0.02)
+
+
+def run_cli(
+    *args: str,
+    env: dict[str, str] | None = None,
+    inherit_settings: bool = True,
+    timeout_s: float = 60,
+) -> subprocess.CompletedProcess[str]:
+    """`python -m watcher ARGS`, from this checkout, with `env` added to the environment.
+
+    ``inherit_settings=False`` drops any WATCHER_*, CLAMAV_* or VIRUS_SCANNING_ENABLED the
+    test run itself was started with, so only `env` configures the command.
+    """
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if inherit_settings
+        or not (k.startswith(("WATCHER_", "CLAMAV_")) or k == "VIRUS_SCANNING_ENABLED")
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "watcher", *args],
+        env={**base, "PYTHONPATH": str(ROOT), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
 
 
 class Clamd:

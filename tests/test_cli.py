@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
-from support import EICAR, TESTFILES, Clamd
+from support import EICAR, TESTFILES, Clamd, run_cli
 
 from watcher import __version__
 
@@ -15,16 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def watcher(*args: str, clamd: Clamd | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    if clamd is not None:
-        env["CLAMAV_SOCKET"] = str(clamd.socket)
-    return subprocess.run(
-        [sys.executable, "-m", "watcher", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_cli(*args, env={"CLAMAV_SOCKET": str(clamd.socket)} if clamd else {})
 
 
 def test_scan_all_clean_exits_0(tmp_path: Path, clamd_server: Clamd) -> None:
@@ -66,11 +55,7 @@ def test_scan_errors_exit_2_and_never_say_ok(tmp_path: Path, clamd_server: Clamd
 def test_scan_with_clamd_unreachable_exits_2(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_bytes(b"fine")
     env_socket = tmp_path / "nothing.sock"
-    result = subprocess.run(
-        [sys.executable, "-m", "watcher", "scan", str(tmp_path / "a.txt")],
-        env={**os.environ, "PYTHONPATH": str(ROOT), "CLAMAV_SOCKET": str(env_socket)},
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    result = run_cli("scan", str(tmp_path / "a.txt"), env={"CLAMAV_SOCKET": str(env_socket)})
     assert result.returncode == 2 and "ERROR" in result.stdout and ": OK" not in result.stdout
 
 

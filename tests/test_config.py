@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from support import run_cli
 
 from watcher.errors import ConfigError
 from watcher.settings import load_settings, parse_duration_s, parse_size_bytes
@@ -16,14 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_watcher(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    clean_env = {k: v for k, v in os.environ.items() if not k.startswith(("WATCHER_", "CLAMAV_"))}
-    return subprocess.run(
-        [sys.executable, "-m", "watcher", *args],
-        env={**clean_env, "PYTHONPATH": str(ROOT), **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_cli(*args, env=env, inherit_settings=False)
 
 
 @pytest.fixture(autouse=True)

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from sigserver import SignatureServer, freshclam_command
-from support import EICAR, Clamd, Events, files_under, quarantined, wait_until
+from support import EICAR, Clamd, Events, files_under, quarantined, run_cli, wait_until
 
 from watcher.daemon import Daemon, scanner_from_settings
 from watcher.definitions import DefinitionsState
@@ -331,13 +331,7 @@ def _quarantine_item(qdir: Path, name: str, detected_at: datetime, data: bytes) 
 
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "watcher", *args],
-        env={**os.environ, **env, "WATCHER_LOG_FORMAT": "json"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_cli(*args, env={**env, "WATCHER_LOG_FORMAT": "json"})
 
 
 def _events(proc: subprocess.CompletedProcess[str]) -> dict[str, dict[str, Any]]:

@@ -121,7 +121,7 @@ class Intake:
         if self.ignored(path):
             return
         if not complete and str(path) in self._pending:
-            self._watch(path)  # still being written: just note the new size
+            self._watch(path)  # already waiting to settle: just note its size
             return
         active = writer_active(path)
         if active is False or (complete and active is None):
@@ -276,16 +276,13 @@ class _Handler(FileSystemEventHandler):
             logger.bind(event="intake.event_failed").exception("event handling failed")
 
     def _dispatch(self, event: FileSystemEvent) -> None:
-        kind = event.event_type
+        # Only the types in _WANTED_EVENTS reach us (watchdog applies the event filter).
         if isinstance(event, DirCreatedEvent | DirMovedEvent):
             target = event.dest_path if isinstance(event, DirMovedEvent) else event.src_path
             self._intake.request_sweep(Path(os.fsdecode(target)))
-            return
-        if event.is_directory or kind in ("deleted", "opened", "closed_no_write"):
-            return
-        if kind == "moved":
+        elif isinstance(event, FileMovedEvent):
             self._intake.hint(Path(os.fsdecode(event.dest_path)), complete=True)
-        elif kind in ("created", "modified"):
+        elif isinstance(event, FileCreatedEvent):
             self._intake.hint(Path(os.fsdecode(event.src_path)), complete=False)
         elif isinstance(event, FileClosedEvent):
             self._intake.hint(Path(os.fsdecode(event.src_path)), complete=True)

@@ -110,10 +110,6 @@ class Intake:
             self._sweep_requests.add(directory or self.uploads_dir)
         self._sweep_due.set()
 
-    @property
-    def pending_count(self) -> int:
-        return len(self._pending)
-
     # -- hints --------------------------------------------------------------------------
 
     def hint(self, path: Path, complete: bool) -> None:

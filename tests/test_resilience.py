@@ -284,3 +284,35 @@ def test_a_lasting_filesystem_error_backs_off_instead_of_flooding_the_log(
         assert staged(dirs["uploads"])  # held in staging, not lost
     finally:
         daemon.close()
+
+
+def test_lost_inotify_events_are_swept_at_once(
+    dirs: dict[str, Path], subprocess_env: dict[str, str]
+) -> None:
+    """The kernel's event queue overflows: intake sweeps then, not at its next interval."""
+    limit = Path("/proc/sys/fs/inotify/max_queued_events")
+    if not os.access(limit, os.W_OK):
+        pytest.skip("needs root and a writable /proc/sys to shrink the inotify queue")
+    saved = limit.read_text()
+    limit.write_text("64\n")  # read at inotify_init: only the daemon started now gets it
+    try:
+        env = {**subprocess_env, "WATCHER_SWEEP_INTERVAL_S": "3600"}
+        daemon = DaemonProcess(env).start()
+    finally:
+        limit.write_text(saved)
+    assert daemon.proc is not None
+    # Flat: files in a new directory would be found by that directory's own sweep.
+    files = {name.replace("/", "-"): body for name, body in corpus(200, seed=11).items()}
+    daemon.proc.send_signal(signal.SIGSTOP)  # reads nothing while far more than 64 events arrive
+    try:
+        drop(dirs["uploads"], files)
+    finally:
+        daemon.proc.send_signal(signal.SIGCONT)
+    daemon.events.wait_for("intake.events_lost")
+    wait_until(
+        lambda: delivered_count(dirs) >= len(files) and files_under(dirs["uploads"]) == {},
+        60,
+        "every file delivered although its events were lost",
+    )
+    assert daemon.terminate() == 0
+    assert_each_exactly_once(dirs, files)

@@ -26,11 +26,11 @@ from watchdog.events import (
     FileSystemEvent,
     FileSystemEventHandler,
 )
-from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from watcher.fsops import relative_to, writer_active
+from watcher.inotify import IntakeObserver
 
 Offer = Callable[[Path], bool]
 
@@ -74,7 +74,9 @@ class Intake:
 
     def start(self) -> None:
         observer: BaseObserver = (
-            PollingObserver(timeout=self._poll_interval_s) if self._polling else Observer()
+            PollingObserver(timeout=self._poll_interval_s)
+            if self._polling
+            else IntakeObserver(tuple(self._skip), self._events_lost)
         )
         observer.schedule(
             _Handler(self, tuple(self._skip)),
@@ -109,6 +111,11 @@ class Intake:
         with self._cond:
             self._sweep_requests.add(directory or self.uploads_dir)
         self._sweep_due.set()
+
+    def _events_lost(self) -> None:
+        """The kernel's event queue overflowed: only a sweep finds what it dropped."""
+        logger.bind(event="intake.events_lost").warning("inotify queue overflowed: sweeping")
+        self.request_sweep()
 
     # -- hints --------------------------------------------------------------------------
 

@@ -37,6 +37,20 @@ def test_clean_file_arrives_in_processed_with_its_bytes(
     assert quarantined(dirs["quarantine"]) == []
 
 
+def test_a_processed_subdirectory_removed_by_the_app_is_made_again(
+    start_daemon: Start, dirs: dict[str, Path], events: Events
+) -> None:
+    start_daemon()
+    write(dirs["uploads"] / "user7" / "a.txt", b"first")
+    events.wait_for("file.clean", path="user7/a.txt")
+    (dirs["processed"] / "user7" / "a.txt").unlink()  # the app takes its file and tidies up
+    (dirs["processed"] / "user7").rmdir()
+    write(dirs["uploads"] / "user7" / "b.txt", b"second")
+    events.wait_for("file.clean", path="user7/b.txt")
+    assert files_under(dirs["processed"]) == {"user7/b.txt": b"second"}
+    assert not events.named("file.error") and not events.named("file.retry")
+
+
 def test_eicar_is_quarantined_read_only_with_metadata(
     start_daemon: Start, dirs: dict[str, Path], events: Events
 ) -> None:

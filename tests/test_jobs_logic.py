@@ -226,6 +226,18 @@ def test_delivery_log_keeps_the_window_and_skips_a_torn_line(tmp_path: Path) -> 
     assert log.prune(T0, 24 * HOUR) == 0
 
 
+def test_delivery_log_appends_survive_a_prune_by_another_process(tmp_path: Path) -> None:
+    """The daemon keeps its log open; a prune elsewhere replaces the file under the lock."""
+    daemon_log = DeliveryLog(tmp_path / "state", tmp_path / "processed")
+    other_run = DeliveryLog(tmp_path / "state", tmp_path / "processed")
+    daemon_log.append(Delivery(T0 - timedelta(hours=30), "old", "old", 1, None, 1, 2))
+    daemon_log.append(Delivery(T0 - timedelta(hours=2), "kept", "kept", 1, None, 1, 3))
+    assert other_run.prune(T0, 24 * HOUR) == 1
+    daemon_log.append(Delivery(T0 - timedelta(hours=1), "new", "new", 1, None, 1, 4))
+    daemon_log.close()
+    assert [e.dest for e in other_run.entries(T0 - timedelta(days=9))] == ["kept", "new"]
+
+
 # -- settings ------------------------------------------------------------------------------
 
 

@@ -225,6 +225,8 @@ class Daemon:
         unfinished = sum(t.is_alive() for t in self._workers)
         self.deliverer.close()
         self.jobs.shutdown(max(1.0, deadline - time.monotonic()))
+        if not unfinished:  # a worker still running may yet record a delivery
+            self.jobs.deliveries.close()
         self.ops.close()
         self.staging.close()
         logger.bind(event="watcher.stopped", unfinished=unfinished).info("stopped")

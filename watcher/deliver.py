@@ -32,6 +32,7 @@ from watcher.fsops import (
 from watcher.staging import Claim, Staging
 
 QUARANTINE_FILE_MODE = 0o400
+_MADE_DIRS_MEMORY = 10_000
 
 
 class Deliverer:
@@ -40,6 +41,7 @@ class Deliverer:
         self.quarantine_dir = quarantine_dir
         self.staging = staging
         self.committer = Committer(staging)
+        self._made_dirs: set[Path] = set()
 
     def start(self) -> None:
         self.processed_dir.mkdir(parents=True, exist_ok=True)
@@ -53,11 +55,26 @@ class Deliverer:
     def to_processed(self, claim: Claim, fd: int) -> Path:
         """Deliver under the upload's relative path; a taken name gets `` (n)`` added."""
         target = self.processed_dir / claim.rel
+        names = noclobber_names(target.name)
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            return self._move(claim, fd, target.parent, noclobber_names(target.name))
+            self._make_dir(target.parent)
+            try:
+                return self._move(claim, fd, target.parent, names)
+            except FileNotFoundError:  # someone removed the directory since we made it
+                self._made_dirs.discard(target.parent)
+                self._make_dir(target.parent)
+                return self._move(claim, fd, target.parent, names)
         except OSError as err:
             raise storage_error(err, "deliver to processed", self.processed_dir) from err
+
+    def _make_dir(self, directory: Path) -> None:
+        """mkdir -p, remembered: asking again for every file cost two syscalls and an exception."""
+        if directory in self._made_dirs:
+            return
+        directory.mkdir(parents=True, exist_ok=True)
+        if len(self._made_dirs) >= _MADE_DIRS_MEMORY:
+            self._made_dirs.clear()
+        self._made_dirs.add(directory)
 
     def to_quarantine(self, claim: Claim, fd: int, metadata: dict[str, Any]) -> Path:
         """Metadata first (so data is never without it), then the bytes, read-only."""

@@ -57,7 +57,9 @@ class DeliveryLog:
         self.processed_dir = processed_dir
         self._lock_path = state_dir / "deliveries.lock"
         self._mutex = threading.Lock()  # flock is per open file, not per thread
-        self._dir_ready = False
+        self._lock_fd = -1
+        self._log_fd = -1
+        self._log_identity = (-1, -1)
 
     def record(self, result: Result) -> None:
         """Daemon listener: note each clean delivery (with the identity of the file delivered)."""
@@ -76,11 +78,33 @@ class DeliveryLog:
 
     def append(self, entry: Delivery) -> None:
         with self._locked():
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            # Kept open across appends; reopened when a prune (ours or another process's)
+            # replaced the file, which it only does under the same lock.
             try:
-                os.write(fd, entry.to_line())
-            finally:
-                os.close(fd)
+                current = os.stat(self.path)
+                replaced = (current.st_dev, current.st_ino) != self._log_identity
+            except FileNotFoundError:
+                replaced = True
+            if replaced:
+                self._close_log()
+                flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+                self._log_fd = os.open(self.path, flags, 0o600)
+                opened = os.fstat(self._log_fd)
+                self._log_identity = (opened.st_dev, opened.st_ino)
+            os.write(self._log_fd, entry.to_line())
+
+    def close(self) -> None:
+        with self._mutex:
+            self._close_log()
+            if self._lock_fd >= 0:
+                os.close(self._lock_fd)
+                self._lock_fd = -1
+
+    def _close_log(self) -> None:
+        if self._log_fd >= 0:
+            os.close(self._log_fd)
+            self._log_fd = -1
+            self._log_identity = (-1, -1)
 
     def entries(self, since: datetime) -> list[Delivery]:
         """Deliveries at or after `since`, oldest first."""
@@ -113,12 +137,12 @@ class DeliveryLog:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         with self._mutex:
-            if not self._dir_ready:
+            if self._lock_fd < 0:
                 self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-                self._dir_ready = True
-            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+                self._lock_fd = os.open(self._lock_path, flags, 0o600)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
                 yield
             finally:
-                os.close(fd)
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)

@@ -30,10 +30,34 @@ from watchdog.observers.inotify_move_event_grouper import (
 
 
 class _Grouper(InotifyMoveEventGrouper):
+    """Pairs directory moves only; a MOVED_TO whose cookie no directory left with is not
+    searched for (watchdog searches its whole pending queue, twice, for every one)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._dir_cookies: set[int] = set()
+
     def put_event(self, event: PathedInotifyEvent) -> None:
-        if event.ev.is_moved_from and not event.ev.is_directory:
+        if event.ev.is_moved_from:
+            if not event.ev.is_directory:
+                return
+            if len(self._dir_cookies) > 10_000:  # those of directories moved out of the tree
+                self._dir_cookies.clear()
+            self._dir_cookies.add(event.ev.cookie)
+        if event.ev.is_moved_to and event.ev.cookie not in self._dir_cookies:
+            self._queue.put(event, delay=False)
             return
+        self._dir_cookies.discard(event.ev.cookie)
         super().put_event(event)
+
+    def get_queued_moved_from_event(self, cookie: int) -> PathedInotifyEvent | None:
+        if cookie not in self._dir_cookies:
+            return None
+        return super().get_queued_moved_from_event(cookie)
+
+    def discard_pending_events(self) -> None:
+        self._dir_cookies.clear()
+        super().discard_pending_events()
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 import stat
 import threading
 import time
@@ -54,7 +55,8 @@ class Intake:
         self._offer = offer
         self._has_room = has_room
         self._after_full_sweep = after_full_sweep
-        self._ignore = ignore_patterns
+        # One regex for all the globs: fnmatch per pattern per path part showed in profiles.
+        self._ignore = re.compile("|".join(fnmatch.translate(p) for p in ignore_patterns) or "(?!)")
         self._settle_s = settle_s
         self._sweep_interval_s = sweep_interval_s
         self._polling = polling
@@ -138,8 +140,7 @@ class Intake:
             str(path) == skip or str(path).startswith(skip + os.sep) for skip in self._skip
         ):
             return True
-        parts = rel.split(os.sep)
-        return any(fnmatch.fnmatch(part, pat) for part in parts for pat in self._ignore)
+        return any(self._ignore.match(part) for part in rel.split(os.sep))
 
     def _ready(self, path: Path) -> None:
         with self._cond:

@@ -78,7 +78,7 @@ class Intake:
         observer: BaseObserver = (
             PollingObserver(timeout=self._poll_interval_s)
             if self._polling
-            else IntakeObserver(tuple(self._skip), self._events_lost)
+            else IntakeObserver(tuple(self._skip), self._file_event, self._events_lost)
         )
         observer.schedule(
             _Handler(self, tuple(self._skip)),
@@ -113,6 +113,13 @@ class Intake:
         with self._cond:
             self._sweep_requests.add(directory or self.uploads_dir)
         self._sweep_due.set()
+
+    def _file_event(self, path: bytes, complete: bool) -> None:
+        """From watchdog's inotify thread (see watcher/inotify.py): never raise into it."""
+        try:
+            self.hint(Path(os.fsdecode(path)), complete)
+        except Exception:
+            logger.bind(event="intake.event_failed").exception("event handling failed")
 
     def _events_lost(self) -> None:
         """The kernel's event queue overflowed: only a sweep finds what it dropped."""
@@ -264,7 +271,11 @@ _WANTED_EVENTS = [
 
 
 class _Handler(FileSystemEventHandler):
-    """Runs on watchdog's thread: only hands hints over, and never lets an exception escape."""
+    """Runs on watchdog's thread: only hands hints over, and never lets an exception escape.
+
+    With inotify only directory events come this way (file events come straight from
+    watcher/inotify.py); with polling, every event.
+    """
 
     def __init__(self, intake: Intake, skip: tuple[str, ...]) -> None:
         self._intake = intake

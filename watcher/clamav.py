@@ -2,8 +2,9 @@
 
 Fixed here (see PITFALLS.md): one client per call (instances are not thread-safe); a connect
 timeout; `z` (NUL) framing and no caller data in commands; `sendall` and 1 MiB INSTREAM chunks;
-reading clamd's reply after a broken pipe; FILDES on unix sockets. Errors that come back as data
-become `NotScanned`; connection failures become `ClamdUnavailable`.
+reading clamd's reply after a broken pipe; FILDES on unix sockets, in one IDSESSION connection per
+worker thread. Errors that come back as data become `NotScanned`; connection failures become
+`ClamdUnavailable`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import os
 import re
 import socket
 import struct
-from dataclasses import dataclass
+import threading
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -134,6 +137,48 @@ class _TcpClient(_FixedProtocol, clamd.ClamdNetworkSocket):  # type: ignore[misc
         return self.instream_fd(fd)
 
 
+# clamd closes a session idle for IdleTimeout (30 s by default); one idle longer than this is
+# not reused, so a send rarely races clamd closing it.
+SESSION_IDLE_S = 10.0
+
+
+class _Session:
+    """One IDSESSION connection on the unix socket, one request at a time.
+
+    A connection per file cost the daemon about ten system calls and clamd an accept and a
+    thread hand-off; in a session a scan is a send and a receive. Replies come back numbered
+    (``3: fd[9]: OK``): the number must be the one we expect, or the session is dropped.
+    """
+
+    def __init__(self, path: str, timeout: float, connect_timeout: float) -> None:
+        self._client = _UnixClient(path, timeout, connect_timeout)
+        self._client._init_socket()
+        self.sock = self._client.clamd_socket
+        self.requests = 0
+        self.last_used = time.monotonic()
+        try:
+            self.sock.sendall(b"zIDSESSION\0")
+        except OSError as err:
+            self.sock.close()
+            raise _ConnectFailed(f"IDSESSION: {err}") from err
+
+    def send_fildes(self, fd: int) -> None:
+        self.sock.sendall(b"zFILDES\0")
+        socket.send_fds(self.sock, [b"\0"], [fd])
+        self.requests += 1
+
+    def receive(self) -> str:
+        reply = self._client._recv_response()
+        self.last_used = time.monotonic()
+        number, sep, rest = reply.partition(": ")
+        if not sep or number != str(self.requests):
+            raise clamd.ConnectionError(f"unexpected reply in session: {reply!r}")
+        return rest
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 @dataclass(frozen=True)
 class ClamdScanner:
     """A `Scanner` on a real clamd: FILDES over a unix socket, INSTREAM over TCP."""
@@ -143,6 +188,9 @@ class ClamdScanner:
     port: int = 3310
     scan_timeout_s: float = 120.0
     connect_timeout_s: float = 5.0
+    _local: threading.local = field(
+        default_factory=threading.local, init=False, compare=False, repr=False
+    )
 
     def _client(self, timeout: float) -> _UnixClient | _TcpClient:
         if self.socket_path is not None:
@@ -154,9 +202,11 @@ class ClamdScanner:
         return str(self.socket_path) if self.socket_path else f"{self.host}:{self.port}"
 
     def scan_fd(self, fd: int) -> Verdict:
-        client = self._client(self.scan_timeout_s)
         try:
-            reply = client.scan_reply(fd)
+            if self.socket_path is not None:
+                reply = self._scan_in_session(fd)
+            else:
+                reply = self._client(self.scan_timeout_s).scan_reply(fd)
         except _ConnectFailed as err:
             raise ClamdUnavailable(str(err)) from err
         except clamd.ConnectionError as err:
@@ -169,6 +219,46 @@ class ClamdScanner:
         if not reply:
             return NotScanned("empty reply from clamd", transient=True)
         return parse_reply(reply)
+
+    def end_session(self) -> None:
+        """Close the calling thread's session, if it has one (a worker that stops)."""
+        session: _Session | None = getattr(self._local, "session", None)
+        self._local.session = None
+        if session is not None:
+            session.close()
+
+    def _scan_in_session(self, fd: int) -> str:
+        """FILDES in this thread's session; a fresh one if the kept one is gone before the send.
+
+        Only a failed send is retried (clamd closed an idle session): once the request is
+        sent, a lost connection is the scan's failure, as with a connection per file.
+        """
+        session: _Session | None = getattr(self._local, "session", None)
+        self._local.session = None  # kept again only after a clean exchange
+        if session is not None and time.monotonic() - session.last_used > SESSION_IDLE_S:
+            session.close()
+            session = None
+        if session is not None:
+            try:
+                session.send_fildes(fd)
+            except OSError:
+                session.close()
+                session = None
+        if session is None:
+            assert self.socket_path is not None
+            session = _Session(str(self.socket_path), self.scan_timeout_s, self.connect_timeout_s)
+            try:
+                session.send_fildes(fd)
+            except OSError as err:
+                session.close()
+                raise clamd.ConnectionError(f"FILDES: {err}") from err
+        try:
+            reply = session.receive()
+        except BaseException:
+            session.close()
+            raise
+        self._local.session = session
+        return reply
 
     def _command(self, command: str, timeout: float) -> str:
         client = self._client(timeout)

@@ -297,6 +297,8 @@ class Daemon:
             finally:
                 with self._count_lock:
                     self.in_flight -= 1
+        if isinstance(self.scanner, ClamdScanner):
+            self.scanner.end_session()
 
     def _handle(self, item: WorkItem) -> None:
         if isinstance(item, Claim):

@@ -103,10 +103,10 @@ class Deliverer:
     ) -> Path:
         """Give the claim the first free name in `directory`, then drop its staging name.
 
-        Same filesystem: a hard link, not a rename. A rename out of the watched uploads tree
-        makes watchdog hold every later event for 0.5 s, waiting for a matching MOVED_TO.
-        The destination is noted in the claim's record first, so a crash between link and
-        unlink is finished at the next start instead of delivering twice.
+        Same filesystem: a hard link, which fails rather than replace a name, and leaves the
+        staging name in place until the committer has made the new one durable. The
+        destination is noted in the claim's record first, so a crash between link and unlink
+        is finished at the next start instead of delivering twice.
         """
         same_fs = os.fstat(fd).st_dev == os.stat(directory).st_dev
         source = claim.data

@@ -23,6 +23,7 @@ from watcher.fsops import relative_to
 from watcher.pipeline import Outcome, Result
 
 LOG_NAME = "deliveries.jsonl"
+_encode_line = json.JSONEncoder(separators=(",", ":")).encode  # one encoder, not one per line
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class Delivery:
             "at": self.at.isoformat(), "dest": self.dest, "rel": self.rel, "size": self.size,
             "sha256": self.sha256, "dev": self.dev, "ino": self.ino,
         }  # fmt: skip
-        return json.dumps(body, separators=(",", ":")).encode() + b"\n"
+        return _encode_line(body).encode() + b"\n"
 
     @classmethod
     def from_line(cls, line: bytes) -> Delivery | None:

@@ -17,11 +17,16 @@ from loguru import logger
 
 # Fields loguru's record already carries that we never copy into the flat line.
 _RESERVED = {"time", "level", "event", "message"}
+# One encoder: json.dumps with any option builds a new one per call (several per file).
+_encode_json = json.JSONEncoder(default=str).encode
 
 
 def _flat_json(record: Any) -> str:
+    at = record["time"]
+    if at.utcoffset():
+        at = at.astimezone(UTC)
     line: dict[str, Any] = {
-        "time": record["time"].astimezone(UTC).isoformat(timespec="milliseconds"),
+        "time": at.isoformat(timespec="milliseconds"),
         "level": record["level"].name,
         "event": record["extra"].get("event", "log"),
         "message": record["message"],
@@ -31,7 +36,7 @@ def _flat_json(record: Any) -> str:
             line[key] = value
     if record["exception"] is not None:
         line["exception"] = "".join(traceback.format_exception(*record["exception"])).rstrip()
-    return json.dumps(line, default=str)
+    return _encode_json(line)
 
 
 def _text(record: Any) -> str:

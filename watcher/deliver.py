@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ from watcher.staging import Claim, Staging
 
 QUARANTINE_FILE_MODE = 0o400
 _MADE_DIRS_MEMORY = 10_000
+COMMIT_GATHER_S = 0.01
+COMMIT_BATCH_MAX = 256
 
 
 class Deliverer:
@@ -156,7 +159,8 @@ class Committer:
     def submit(self, claim: Claim, directory: Path) -> None:
         with self._cond:
             self._pending.append((claim, directory))
-            self._cond.notify()
+            if len(self._pending) == 1 or len(self._pending) >= COMMIT_BATCH_MAX:
+                self._cond.notify()  # not per file: the committer is gathering
 
     def close(self) -> None:
         """Commit what is pending, then stop."""
@@ -173,6 +177,15 @@ class Committer:
                     self._cond.wait()
                 if not self._pending:
                     return
+                # Deliveries that finish within the next few ms share the batch's fsyncs
+                # (each one a journal commit). Nobody waits for this: the file is already
+                # in its destination; only its staging name stays a little longer.
+                deadline = time.monotonic() + COMMIT_GATHER_S
+                while len(self._pending) < COMMIT_BATCH_MAX and not self._stopping:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
                 batch, self._pending = self._pending, []
             self._commit(batch)
 

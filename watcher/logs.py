@@ -79,7 +79,10 @@ class _InterceptHandler(logging.Handler):
 def configure_logging(fmt: str = "json", level: str = "INFO", stream: TextIO | None = None) -> None:
     """Replace loguru's default handler with ours; diagnose=False keeps data out of tracebacks."""
     logger.remove()
-    logger.add(_Sink(stream or sys.stdout, fmt).write, level=level, diagnose=False, backtrace=False)
+    # format="{message}": the sink renders the record itself; loguru's default format would
+    # render a timestamp (and more) on every call only to be thrown away.
+    sink = _Sink(stream or sys.stdout, fmt).write
+    logger.add(sink, level=level, format="{message}", diagnose=False, backtrace=False)
     logging.basicConfig(handlers=[_InterceptHandler()], level=logging.WARNING, force=True)
 
 

@@ -201,12 +201,15 @@ def oldest_pending_s(
             if not ignored(path):
                 oldest = min(oldest, _ctime(path, now))
     for claim in staging_root.glob("d-*/*.data"):
-        oldest = min(oldest, _ctime(claim, now))
+        oldest = min(oldest, _ctime(claim, now, delivered_links=True))
     return max(0.0, now - oldest)
 
 
-def _ctime(path: Path, default: float) -> float:
+def _ctime(path: Path, default: float, delivered_links: bool = False) -> float:
     try:
-        return os.lstat(path).st_ctime
+        st = os.lstat(path)
     except FileNotFoundError:
         return default
+    if delivered_links and st.st_nlink > 1:
+        return default  # a claim already linked into its destination: only the commit is left
+    return st.st_ctime

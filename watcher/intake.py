@@ -243,20 +243,24 @@ class Intake:
         while stack:
             directory = stack.pop()
             try:
-                entries = list(os.scandir(directory))
+                entries = os.scandir(directory)
             except (FileNotFoundError, NotADirectoryError, PermissionError):
                 continue
-            for entry in entries:
-                path = Path(entry.path)
-                if entry.path in self._skip or self.ignored(path):
-                    continue
-                try:
-                    if entry.is_dir(follow_symlinks=False):
-                        stack.append(path)
-                    else:
-                        yield path, entry.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
+            # Read as we go, not listed first: a sweep after a burst stops at the first file
+            # the queue has no room for, and a list of every entry of a 50,000-file directory
+            # was most of the daemon's peak memory.
+            with entries:
+                for entry in entries:
+                    path = Path(entry.path)
+                    if entry.path in self._skip or self.ignored(path):
+                        continue
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            stack.append(path)
+                        else:
+                            yield path, entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
 
 
 # Only what can announce a new file. Opens, reads, modifications and deletions are left out of

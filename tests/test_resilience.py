@@ -91,7 +91,8 @@ def test_clamd_frozen_past_the_scan_timeout_is_retried_never_passed(
         own_clamd.freeze()
         (dirs["uploads"] / "frozen.com").write_bytes(EICAR)
         (dirs["uploads"] / "frozen.txt").write_bytes(b"plain")
-        events.wait_for("file.retry", path="frozen.txt")
+        retry = events.wait_for("file.retry", path="frozen.txt")[0]
+        assert retry["reason"] == "clamd did not answer within 0.5s"
         assert files_under(dirs["processed"]) == {}
         own_clamd.thaw()
         events.wait_for("file.infected", path="frozen.com")

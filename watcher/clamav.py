@@ -9,6 +9,7 @@ worker thread. Errors that come back as data become `NotScanned`; connection fai
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import socket
@@ -69,6 +70,9 @@ class _FixedProtocol:
         while received < _MAX_REPLY_BYTES:
             try:
                 data = self.clamd_socket.recv(65536)
+            except BlockingIOError as err:  # SO_RCVTIMEO ran out (a session's socket)
+                timeout = TimeoutError(errno.ETIMEDOUT, "timed out")
+                raise clamd.ConnectionError(f"reading clamd reply: {err}") from timeout
             except OSError as err:
                 raise clamd.ConnectionError(f"reading clamd reply: {err}") from err
             if not data:
@@ -154,6 +158,12 @@ class _Session:
         self._client = _UnixClient(path, timeout, connect_timeout)
         self._client._init_socket()
         self.sock = self._client.clamd_socket
+        # Blocking, with the timeout in the kernel: on a socket with a Python timeout, CPython
+        # polls before every send and receive (three more system calls per file).
+        self.sock.settimeout(None)
+        limit = struct.pack("ll", int(timeout), int(timeout % 1 * 1_000_000))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, limit)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, limit)
         self.requests = 0
         self.last_used = time.monotonic()
         try:

@@ -322,7 +322,7 @@ def test_lost_inotify_events_are_swept_at_once(
 def test_a_session_lost_between_scans_is_replaced_without_failing_a_scan(
     tmp_path: Path,
 ) -> None:
-    """Scans share one IDSESSION connection per thread; one clamd closed meanwhile (here by
+    """A worker's scans share one IDSESSION connection; one clamd closed meanwhile (here by
     restarting) is replaced before the send, and the scan goes ahead."""
     server = Clamd(tmp_path / "clamd")
     server.start()
@@ -332,6 +332,9 @@ def test_a_session_lost_between_scans_is_replaced_without_failing_a_scan(
         sample.write_bytes(b"nothing to see")
         fd = os.open(sample, os.O_RDONLY)
         try:
+            assert scanner.scan_fd(fd) == Clean()
+            assert getattr(scanner._local, "session", None) is None  # not a worker: no session
+            scanner.keep_session()
             assert scanner.scan_fd(fd) == Clean()
             kept = scanner._local.session
             assert scanner.scan_fd(fd) == Clean() and scanner._local.session is kept

@@ -31,9 +31,9 @@ def test_full_processed_logged_once_while_small_files_and_quarantine_still_flow(
     full.set()
     move = daemon.deliverer._move
 
-    def move_unless_full(claim: Any, fd: int, directory: Path, *args: Any) -> Path:
+    def move_unless_full(claim: Any, fd: int, directory: str, *args: Any) -> Path:
         too_big = os.fstat(fd).st_size >= len(BIG)  # a nearly full disk: small files still fit
-        if full.is_set() and too_big and directory.is_relative_to(dirs["processed"]):
+        if full.is_set() and too_big and Path(directory).is_relative_to(dirs["processed"]):
             raise OSError(errno.ENOSPC, "No space left on device")
         return move(claim, fd, directory, *args)
 

@@ -2,9 +2,9 @@
 
 Fixed here (see PITFALLS.md): one client per call (instances are not thread-safe); a connect
 timeout; `z` (NUL) framing and no caller data in commands; `sendall` and 1 MiB INSTREAM chunks;
-reading clamd's reply after a broken pipe; FILDES on unix sockets, in one IDSESSION connection per
-worker thread. Errors that come back as data become `NotScanned`; connection failures become
-`ClamdUnavailable`.
+reading clamd's reply after a broken pipe; FILDES on unix sockets, in one IDSESSION connection
+per worker thread (`keep_session`). Errors that come back as data become `NotScanned`;
+connection failures become `ClamdUnavailable`.
 """
 
 from __future__ import annotations
@@ -213,7 +213,7 @@ class ClamdScanner:
 
     def scan_fd(self, fd: int) -> Verdict:
         try:
-            if self.socket_path is not None:
+            if self.socket_path is not None and getattr(self._local, "keep", False):
                 reply = self._scan_in_session(fd)
             else:
                 reply = self._client(self.scan_timeout_s).scan_reply(fd)
@@ -230,8 +230,14 @@ class ClamdScanner:
             return NotScanned("empty reply from clamd", transient=True)
         return parse_reply(reply)
 
+    def keep_session(self) -> None:
+        """The calling thread scans file after file (a worker): its scans share one IDSESSION
+        connection until `end_session`. Other threads get a connection per scan."""
+        self._local.keep = True
+
     def end_session(self) -> None:
         """Close the calling thread's session, if it has one (a worker that stops)."""
+        self._local.keep = False
         session: _Session | None = getattr(self._local, "session", None)
         self._local.session = None
         if session is not None:

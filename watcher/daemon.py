@@ -282,6 +282,8 @@ class Daemon:
             logger.bind(event="definitions.loaded", clamd_version=version).info("definitions")
 
     def _work(self) -> None:
+        if isinstance(self.scanner, ClamdScanner):
+            self.scanner.keep_session()
         while not self.stop_event.is_set():
             if not self.clamd.up.wait(timeout=0.5):
                 continue  # clamd is down: leave files where they are

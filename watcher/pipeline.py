@@ -204,9 +204,8 @@ class Pipeline:
     ) -> Result:
         dest = self.deliverer.to_processed(claim, fd)
         fields: dict[str, Any] = {"path": claim.rel, "dest": str(dest), "size": size, "sha256": sha}
-        expected = self.deliverer.processed_dir / claim.rel
-        if dest != expected:
-            fields["renamed_from"] = str(expected)
+        if dest.name != os.path.basename(claim.rel):  # the name was taken: " (n)" added
+            fields["renamed_from"] = str(self.deliverer.processed_dir / claim.rel)
             logger.bind(event="file.renamed", **fields).warning("name taken in processed")
         if allowlisted_signature is not None:
             logger.bind(

@@ -191,9 +191,9 @@ class Staging:
         """The claim is delivered (its staging name is gone): forget it."""
         self.journal.forget(claim)
 
-    def note_dest(self, claim: Claim, dest: Path) -> None:
+    def note_dest(self, claim: Claim, dest: str | Path) -> None:
         """Record the destination before the step that makes the file visible there."""
-        claim.dest = str(dest)
+        claim.dest = os.fspath(dest)
         self.journal.note(claim, claim.dest)
 
     def hold(self, claim: Claim) -> Path:

@@ -173,8 +173,9 @@ def loguru_events() -> tuple[Events, int]:
 class DaemonProcess:
     """`python -m watcher run` in a subprocess, its JSON log lines parsed into `events`."""
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], prefix: tuple[str, ...] = ()) -> None:
         self.env = {**os.environ, **env, "WATCHER_LOG_FORMAT": "json"}
+        self.prefix = prefix  # e.g. setpriv ... to run it without privileges
         self.events = Events()
         self.proc: subprocess.Popen[bytes] | None = None
         self.lines: list[bytes] = []
@@ -182,7 +183,7 @@ class DaemonProcess:
     def start(self, wait_ready: bool = True) -> DaemonProcess:
         self.events = Events()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "watcher", "run"],
+            [*self.prefix, sys.executable, "-m", "watcher", "run"],
             env=self.env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

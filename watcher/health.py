@@ -2,8 +2,9 @@
 
 - liveness (/healthz): the daemon's loops (observer, settle, sweep, workers) are running.
 - readiness (/readyz): clamd answers PING, definitions are not stale, the uploads,
-  processed and quarantine directories are writable, and no destination refuses deliveries. A failed PING also tells the daemon
-  clamd is down, so workers pause and `clamd.down` is logged even while no file arrives.
+  processed and quarantine directories are writable, and no destination refuses deliveries.
+  A failed PING also tells the daemon clamd is down, so workers pause and `clamd.down` is
+  logged even while no file arrives.
 - the heartbeat: ``<state_dir>/heartbeat.json``, rewritten every `heartbeat_interval_s`
   while the loops are alive, naming the clamd to PING and what else makes the daemon
   unhealthy (a destination refusing deliveries); `watcher healthcheck`

@@ -36,6 +36,7 @@ ALERTED_EVENTS = (
     ("file.infected_late", "ERROR"),
     ("file.unscannable", "ERROR"),
     ("clamd.down", "ERROR"),
+    ("delivery.failing", "ERROR"),
     ("definitions.update_failed", "ERROR"),
     ("job.failed", "ERROR"),
     ("quarantine.near_full", "WARNING"),
@@ -104,6 +105,11 @@ class _DaemonCollector(Collector):
         s = d.settings
         now = time.time()
         yield _gauge("watcher_queue_depth", "Files waiting in the in-memory queue.", len(d.queue))
+        yield _gauge(
+            "watcher_delivery_failing",
+            "Destinations (processed, quarantine) refusing deliveries right now; files wait.",
+            len(d.destinations.failing()),
+        )
         yield _gauge("watcher_in_flight", "Files being scanned or delivered now.", d.in_flight)
         oldest = oldest_pending_s(d.intake.walk(), s.staging_root, now)
         yield _gauge(

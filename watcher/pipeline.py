@@ -387,7 +387,9 @@ class Pipeline:
         )
 
     def _reject(self, rel: str, st: os.stat_result | None, reason: str) -> Result:
-        key = (rel, st.st_ino, st.st_mtime_ns) if st is not None else (rel, 0, 0)
+        # The same entry, unless replaced (a directory's mtime changes with what it holds).
+        changed = 0 if st is None or stat.S_ISDIR(st.st_mode) else st.st_mtime_ns
+        key = (rel, st.st_ino if st is not None else 0, changed)
         if not self._rejections.first(key, time.monotonic()):
             # Met again by a sweep (or one of a flood): neither logged nor counted again.
             return Result(Outcome.REJECTED, rel, reason=reason, fields={"repeat": True})

@@ -117,7 +117,6 @@ class _FixedProtocol:
         finally:
             self.clamd_socket.close()
 
-
     def instream_chunks(self, chunks: Iterable[bytes]) -> str:
         """INSTREAM of bytes made in memory (an archive member), whatever their chunking."""
         self._init_socket()  # type: ignore[attr-defined]

@@ -1,9 +1,9 @@
 """Liveness, readiness, and the heartbeat that `watcher healthcheck` reads.
 
 - liveness (/healthz): the daemon's loops (observer, settle, sweep, workers) are running.
-- readiness (/readyz): clamd answers PING, definitions are not stale, and the uploads,
-  processed and quarantine directories are writable. A failed PING also tells the daemon
-  clamd is down, so workers pause and `clamd.down` is logged even while no file arrives.
+- readiness (/readyz): clamd answers PING and answered its canaries right (watcher/canaries.py),
+  definitions are not stale, and the uploads, processed and quarantine directories are
+  writable. A failed PING also tells the daemon clamd is down, so workers pause and `clamd.down` is logged even while no file arrives.
 - the heartbeat: ``<state_dir>/heartbeat.json``, rewritten every `heartbeat_interval_s`
   while the loops are alive, naming the clamd to PING; `watcher healthcheck`
   (watcher/healthcheck.py) reads it, so it needs neither HTTP nor the settings model.
@@ -64,6 +64,7 @@ def readiness(daemon: Daemon) -> tuple[bool, dict[str, Any]]:
     checks: dict[str, str | None] = {
         "daemon": None if daemon.alive() else "a daemon loop has stopped (see /healthz)",
         "clamd": probe_clamd(daemon),
+        "clamd_canaries": daemon.clamd_check.problem,
         "definitions": "definitions are stale" if daemon.definitions.stale else None,
         "uploads_dir": writable(s.uploads_dir),
         "processed_dir": writable(s.processed_dir),
@@ -98,11 +99,17 @@ class Heartbeat:
     """Touches `path` every `interval_s` while `alive()`; removed at a graceful stop."""
 
     def __init__(
-        self, path: Path, interval_s: float, alive: Callable[[], bool], **info: Any
+        self,
+        path: Path,
+        interval_s: float,
+        alive: Callable[[], bool],
+        state: Callable[[], dict[str, Any]] = dict,
+        **info: Any,
     ) -> None:
         self.path = path
         self.interval_s = interval_s
         self._alive = alive
+        self._state = state  # what may change: read at each beat
         self._info = info  # what `watcher healthcheck` needs: the clamd address, the timeout
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -125,6 +132,7 @@ class Heartbeat:
             "at": datetime.now(UTC).isoformat(timespec="seconds"),
             "interval_s": self.interval_s,
             **self._info,
+            **self._state(),
         }
         write_json_atomic(self.path, json.dumps(body).encode(), mode=0o644)
 

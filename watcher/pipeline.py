@@ -27,7 +27,7 @@ from watcher.deliver import Deliverer
 from watcher.errors import ClamdUnavailable, StorageError, StorageFull
 from watcher.fsops import OPEN_UPLOAD_FLAGS, relative_to, sha256_fd
 from watcher.staging import Claim, Staging
-from watcher.verdict import Clean, Infected, NotScanned, Verdict
+from watcher.verdict import Cause, Clean, Infected, NotScanned, Verdict
 
 _MAX_RESCANS = 3
 _REJECTED_MEMORY = 10_000
@@ -62,6 +62,7 @@ class Result:
     sha256: str | None = None
     signature: str | None = None
     reason: str | None = None
+    cause: Cause | None = None  # why unscannable, from a closed set (verdict.Cause)
     retry_cause: RetryCause | None = None
     retry_after_s: float = 0.0
     duration_ms: float = 0.0
@@ -90,9 +91,11 @@ class Pipeline:
         staging: Staging,
         deliverer: Deliverer,
         allowlisted: Callable[[str], bool] = lambda sha256: False,
+        look_inside: Callable[[int, Verdict], Verdict] = lambda fd, verdict: verdict,
     ) -> None:
         self.config = config
         self.allowlisted = allowlisted
+        self.look_inside = look_inside  # archives.Inspector.check: what clamd could not see
         self.scanner = scanner
         self.staging = staging
         self.deliverer = deliverer
@@ -161,7 +164,7 @@ class Pipeline:
     def _scan_and_deliver(self, claim: Claim, fd: int, st: os.stat_result) -> Result:
         if st.st_size > self.config.max_file_bytes:
             reason = f"larger than WATCHER_MAX_FILE_BYTES ({self.config.max_file_bytes})"
-            return self._unscannable(claim, fd, st.st_size, sha256_fd(fd), reason)
+            return self._unscannable(claim, fd, st.st_size, sha256_fd(fd), reason, "limits")
         if not self.config.scanning_enabled:
             sha = sha256_fd(fd)
             dest = self.deliverer.to_processed(claim, fd)
@@ -182,13 +185,13 @@ class Pipeline:
                 return self._retry(
                     claim, RetryCause.SCAN_FAILED, verdict.reason, self._backoff(claim.attempts)
                 )
-        return self._unscannable(claim, fd, st.st_size, sha, verdict.reason)
+        return self._unscannable(claim, fd, st.st_size, sha, verdict.reason, verdict.cause)
 
     def _scan_unchanged(self, fd: int, st: os.stat_result) -> tuple[Verdict, str, os.stat_result]:
         """Scan until the file stays the same across one scan (a writer may still hold it)."""
         for _ in range(_MAX_RESCANS):
             with self.scan_slots:  # never more requests in flight than clamd has threads
-                verdict = self.scanner.scan_fd(fd)
+                verdict = self.look_inside(fd, self.scanner.scan_fd(fd))
             sha = sha256_fd(fd)
             after = os.fstat(fd)
             if _identity(after) == _identity(st):
@@ -229,22 +232,30 @@ class Pipeline:
             Outcome.INFECTED, claim.rel, dest=dest, size=size, sha256=sha, signature=signature
         )
 
-    def _unscannable(self, claim: Claim, fd: int, size: int, sha: str, reason: str) -> Result:
-        fields: dict[str, Any] = {"path": claim.rel, "size": size, "sha256": sha, "reason": reason}
+    def _unscannable(
+        self, claim: Claim, fd: int, size: int, sha: str, reason: str, cause: Cause
+    ) -> Result:
+        fields: dict[str, Any] = {
+            "path": claim.rel, "size": size, "sha256": sha, "reason": reason, "cause": cause,
+        }  # fmt: skip
         if self.config.unscannable_policy == "hold":
             dest = self.staging.hold(claim)
             logger.bind(event="file.unscannable", action="held", dest=str(dest), **fields).error(
                 "could not be scanned: held"
             )
-            return Result(Outcome.HELD, claim.rel, dest=dest, size=size, sha256=sha, reason=reason)
-        meta = self._metadata(claim, size, sha, "unscannable", reason=reason)
+            return Result(
+                Outcome.HELD, claim.rel, dest=dest, size=size, sha256=sha, reason=reason,
+                cause=cause,
+            )  # fmt: skip
+        meta = self._metadata(claim, size, sha, "unscannable", reason=reason, cause=cause)
         dest = self.deliverer.to_quarantine(claim, fd, meta)
         logger.bind(
             event="file.unscannable", action="quarantined", id=claim.id, dest=str(dest), **fields
         ).error("could not be scanned: quarantined")
         return Result(
-            Outcome.UNSCANNABLE, claim.rel, dest=dest, size=size, sha256=sha, reason=reason
-        )
+            Outcome.UNSCANNABLE, claim.rel, dest=dest, size=size, sha256=sha, reason=reason,
+            cause=cause,
+        )  # fmt: skip
 
     def _reject(self, rel: str, st: os.stat_result, reason: str) -> Result:
         key = (rel, st.st_ino, st.st_mtime_ns)
@@ -282,6 +293,7 @@ class Pipeline:
             "verdict": verdict,
             "signature": None,
             "reason": None,
+            "cause": None,
             **extra,
             "detected_at": datetime.now(UTC).isoformat(),
             "claimed_at": datetime.fromtimestamp(claim.claimed_at, UTC).isoformat(),

@@ -3,7 +3,8 @@
 - liveness (/healthz): the daemon's loops (observer, settle, sweep, workers) are running.
 - readiness (/readyz): clamd answers PING and answered its canaries right (watcher/canaries.py),
   definitions are not stale, and the uploads, processed and quarantine directories are
-  writable. A failed PING also tells the daemon clamd is down, so workers pause and `clamd.down` is logged even while no file arrives.
+  writable. A failed PING also tells the daemon clamd is down, so workers pause and
+  `clamd.down` is logged even while no file arrives.
 - the heartbeat: ``<state_dir>/heartbeat.json``, rewritten every `heartbeat_interval_s`
   while the loops are alive, naming the clamd to PING; `watcher healthcheck`
   (watcher/healthcheck.py) reads it, so it needs neither HTTP nor the settings model.

@@ -246,11 +246,11 @@ class _Walk:
 
     def _count(self, info: zipfile.ZipInfo, where: str) -> None:
         lim = self.limits
-        if info.file_size > lim.max_file_bytes:
-            raise _Refused("limits", f"member larger than {lim.max_file_bytes} bytes: {where}")
         ratio_cap = lim.max_ratio * max(info.compress_size, 1)
         if info.file_size > _RATIO_FLOOR_BYTES and info.file_size > ratio_cap:
             raise _Refused("limits", f"compression ratio over {lim.max_ratio}: {where}")
+        if info.file_size > lim.max_file_bytes:
+            raise _Refused("limits", f"member larger than {lim.max_file_bytes} bytes: {where}")
         self._bytes += info.file_size
         if self._bytes > lim.max_scan_bytes:
             raise _Refused("limits", f"archive members over {lim.max_scan_bytes} bytes in all")

@@ -11,7 +11,6 @@ from archive_cases import INFECTED, nest
 from http_support import get, watcher_cli
 from support import Clamd, Events, files_under, wait_until
 
-from watcher.archives import ArchiveLimits, Inspector
 from watcher.daemon import Daemon
 from watcher.settings import Settings
 from watcher.verdict import Clean, NotScanned
@@ -91,6 +90,8 @@ def test_a_reload_that_loses_the_signatures_makes_the_daemon_unready(
 
 def test_watcher_refuses_a_deep_nest_that_a_stock_clamd_calls_clean(stock_clamd: Clamd) -> None:
     """The nest test's other half: watcher's own depth limit, whatever clamd's settings."""
+    from watcher.archives import ArchiveLimits, Inspector  # here: the suite runs on older code
+
     deep = nest(17, INFECTED)
     fd = os.memfd_create("deep")
     try:

@@ -24,7 +24,7 @@ from archive_cases import (
     python_zip,
 )
 from http_support import get
-from support import Events, files_under, quarantined
+from support import Clamd, Events, files_under, quarantined, run_cli
 
 from watcher.daemon import Daemon
 from watcher.verdict import Clean, Infected, NotScanned, parse_reply
@@ -188,3 +188,15 @@ def test_clamds_heuristic_answers_are_reasons_and_signatures_are_infections(
     if isinstance(parsed, NotScanned):
         assert not parsed.transient
         assert parsed.cause == ("encrypted" if "Encrypted" in reply else "limits")
+
+
+def test_watcher_scan_looks_into_archives_too(tmp_path: Path, clamd_server: Clamd) -> None:
+    (tmp_path / "zip64.zip").write_bytes(BLIND_FORMS["python-zip64"](INFECTED))
+    (tmp_path / "sealed.zip").write_bytes(ENCRYPTED_FORMS["zip-aes"](CLEAN))
+    (tmp_path / "fine.zip").write_bytes(BLIND_FORMS["python-zip64"](CLEAN))
+    result = run_cli("scan", str(tmp_path), env={"CLAMAV_SOCKET": str(clamd_server.socket)})
+    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines())
+    assert lines[f"{tmp_path}/zip64.zip"].endswith(" FOUND")
+    assert lines[f"{tmp_path}/sealed.zip"].startswith("encrypted archive member")
+    assert lines[f"{tmp_path}/fine.zip"] == "OK"
+    assert result.returncode == 2  # an error (unscannable) outranks the infection

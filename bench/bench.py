@@ -88,7 +88,9 @@ class Clamd:
         self.conf.write_text(
             f"LocalSocket {self.socket}\nDatabaseDirectory {root / 'db'}\nForeground yes\n"
             f"TemporaryDirectory {root / 'tmp'}\nMaxThreads {threads}\nMaxQueue 200\n"
-            "DisableCache yes\nAlertExceedsMax yes\nSelfCheck 3600\n"
+            # AlertEncrypted: with WATCHER_ARCHIVE_INSPECTION=false (the A/B's "off" arm) clamd
+            # must flag the encrypted canary itself, or the daemon holds every file.
+            "DisableCache yes\nAlertExceedsMax yes\nAlertEncrypted yes\nSelfCheck 3600\n"
             f"LogFile {root / 'clamd.log'}\n"
         )
         self.proc = subprocess.Popen(

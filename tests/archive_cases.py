@@ -8,7 +8,9 @@ packages `zip` and `p7zip-full`); pyzipper writes WinZip AES.
 from __future__ import annotations
 
 import io
+import lzma
 import subprocess
+import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
@@ -68,6 +70,15 @@ def inside(name: str, data: bytes) -> bytes:
     return python_zip(((name, data),))
 
 
+def tar_gz(name: str, data: bytes) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
 def nest(levels: int, members: Members) -> bytes:
     """`levels` zips, each the only member of the next."""
     data = python_zip(members)
@@ -82,6 +93,8 @@ BLIND_FORMS = {
     "python-zip64": lambda m: python_zip(m, zip64=True),
     "infozip-zip64-nested": lambda m: inside("inner.zip", infozip(m, "-fz")),
     "python-zip64-nested": lambda m: inside("inner.zip", python_zip(m, zip64=True)),
+    "python-zip64-in-tar.gz": lambda m: tar_gz("inner.zip", python_zip(m, zip64=True)),
+    "infozip-zip64-in-xz": lambda m: lzma.compress(infozip(m, "-fz")),
     "two-zips-infected-first": lambda m: python_zip(m) + python_zip(CLEAN),
     "two-zips-infected-last": lambda m: python_zip(CLEAN) + python_zip(m),
 }

@@ -25,21 +25,26 @@ here: several archives in one file (each earlier one is found by opening the byt
 start of the last), and local entries outside the central directory (a zip-hiding trick, and
 what a streaming parser such as stream-unzip would read instead: it stops at the first central
 directory and does not look back). 7z: py7zr reads the (possibly compressed) header to tell
-whether contents or header are encrypted; clamd itself reads unencrypted 7z.
+whether contents or header are encrypted; clamd itself reads unencrypted 7z, and its members
+are not walked here. tar (``tarfile`` in stream mode) and gzip, bzip2 and xz streams are read
+front to back, so that a ZIP64 inside a .tar.gz is found; a stream is never held whole.
 """
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import io
 import lzma
 import os
 import struct
+import tarfile
 import time
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import IO, Literal, Protocol
+from typing import IO, Literal, Protocol, cast
 
 from loguru import logger
 
@@ -50,6 +55,13 @@ ZIP_END = b"PK\x05\x06"
 ZIP64_LOCATOR = b"PK\x06\x07"
 SEVENZ_MAGIC = b"7z\xbc\xaf\x27\x1c"
 _ZIP_HEADS = (ZIP_LOCAL, ZIP_END, b"PK\x07\x08")  # PK78: a spanned archive's marker
+_BZ2_BLOCKS = (b"1AY&SY", b"\x17\x72\x45\x38\x50\x90")  # a block, or the end of the stream
+_DECOMPRESSORS: dict[str, Callable[[IO[bytes]], _Reader]] = {
+    "gz": lambda f: gzip.GzipFile(fileobj=f, mode="rb"),
+    "bz2": lambda f: bz2.BZ2File(f, "rb"),
+    "xz": lambda f: lzma.LZMAFile(f, "rb"),  # noqa: SIM115 - closed by the walk
+}
+_HEAD_BYTES = 512  # enough for every magic number, tar's ("ustar" at 257) included
 _TAIL_BYTES = 22 + 20 + 56 + 0xFFFF  # EOCD + ZIP64 locator + ZIP64 EOCD + longest comment
 _LOCAL = struct.Struct("<4s5H3I2H")
 _READ_BYTES = 1024 * 1024
@@ -59,10 +71,15 @@ _NAME_CHARS = 160
 # What zipfile and its decompressors raise on damaged or hostile input.
 _ZIP_ERRORS = (
     zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError, struct.error,
-    zlib.error, lzma.LZMAError, NotImplementedError, RuntimeError,
+    zlib.error, lzma.LZMAError, NotImplementedError, RuntimeError, tarfile.TarError,
 )  # fmt: skip
 
-Kind = Literal["zip", "7z"]
+Kind = Literal["zip", "7z", "tar", "gz", "bz2", "xz"]
+
+
+class _Reader(Protocol):
+    def read(self, size: int = ..., /) -> bytes: ...
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -201,8 +218,16 @@ class _Walk:
         try:
             if container.kind == "7z":
                 _check_7z(container, self)
-            else:
+            elif container.kind == "zip":
                 yield from self._visit_zip(container)
+            elif container.kind == "tar":
+                window = _open_window(container.source, container.source.size)
+                yield from self._visit_tar(container, window, container.depth)
+            else:
+                yield from self._visit_stream(container)
+        except _ZIP_ERRORS as err:
+            reason = f"unreadable {container.kind}: {_name(container)}: {err}"
+            raise _Refused("malformed", reason) from err
         finally:
             if isinstance(container.source, _BytesSource):
                 self._held_bytes -= container.source.size
@@ -231,27 +256,66 @@ class _Walk:
             )
         if info.file_size == 0:
             return
-        self._count(info, where)
+        self._count(info.file_size, info.compress_size, where)
         try:
             with archive.open(info) as member:
-                head = member.read(8)
-                kind = _kind_of(head)
-                if kind is not None:
-                    self._hold(info.file_size)
-                    yield self._nested(container, kind, head + member.read(), where)
-                elif self.scan is not None:
-                    self._scan(_chunks(head, member), where)
+                yield from self._content(container.depth, member, where)
         except _ZIP_ERRORS as err:
             raise _Refused("malformed", f"unreadable archive member {where}: {err}") from err
 
-    def _count(self, info: zipfile.ZipInfo, where: str) -> None:
+    def _visit_tar(
+        self, container: _Container, stream: _Reader, depth: int
+    ) -> Iterator[_Container]:
+        """A tar read front to back (`r|`: a compressed one is never held whole)."""
+        with tarfile.open(fileobj=cast(IO[bytes], stream), mode="r|") as archive:
+            for info in archive:
+                if not info.isfile() or info.size == 0:
+                    continue  # directories, links, devices: no content of their own
+                where = _where(container, info.name)
+                self.members += 1
+                if self.members > self.limits.max_files:
+                    raise _Refused("limits", f"more than {self.limits.max_files} archive members")
+                self._count(info.size, info.size, where)
+                member = archive.extractfile(info)
+                assert member is not None  # a regular file
+                yield from self._content(depth, member, where)
+
+    def _visit_stream(self, container: _Container) -> Iterator[_Container]:
+        """gzip, bzip2, xz: one compressed stream, sniffed, then walked as what it holds."""
+        source, decompress = container.source, _DECOMPRESSORS[container.kind]
+        sniffing = decompress(_open_window(source, source.size))
+        try:
+            kind = _kind_of(sniffing.read(_HEAD_BYTES))
+        finally:
+            sniffing.close()
+        capped = _Capped(decompress(_open_window(source, source.size)), self.limits, container)
+        try:
+            if kind == "tar":
+                yield from self._visit_tar(container, capped, container.depth + 1)
+            else:
+                yield from self._content(container.depth, capped, _name(container))
+        finally:
+            capped.close()
+
+    def _content(self, depth: int, member: _Reader, where: str) -> Iterator[_Container]:
+        """A member: a nested container (read into memory) or a leaf (scanned in the 2nd pass)."""
+        head = member.read(_HEAD_BYTES)
+        kind = _kind_of(head)
+        if kind is not None:
+            rest = member.read(self.limits.max_file_bytes + 1 - len(head))
+            self._hold(len(head) + len(rest))
+            yield self._nested(depth, kind, head + rest, where)
+        elif self.scan is not None:
+            self._scan(_chunks(head, member), where)
+
+    def _count(self, size: int, packed_size: int, where: str) -> None:
         lim = self.limits
-        ratio_cap = lim.max_ratio * max(info.compress_size, 1)
-        if info.file_size > _RATIO_FLOOR_BYTES and info.file_size > ratio_cap:
+        ratio_cap = lim.max_ratio * max(packed_size, 1)
+        if size > _RATIO_FLOOR_BYTES and size > ratio_cap:
             raise _Refused("limits", f"compression ratio over {lim.max_ratio}: {where}")
-        if info.file_size > lim.max_file_bytes:
+        if size > lim.max_file_bytes:
             raise _Refused("limits", f"member larger than {lim.max_file_bytes} bytes: {where}")
-        self._bytes += info.file_size
+        self._bytes += size
         if self._bytes > lim.max_scan_bytes:
             raise _Refused("limits", f"archive members over {lim.max_scan_bytes} bytes in all")
 
@@ -261,8 +325,8 @@ class _Walk:
             raise _Refused("limits", f"nested archives over {self.limits.max_file_bytes} bytes")
         self._held_bytes += size
 
-    def _nested(self, parent: _Container, kind: Kind, data: bytes, where: str) -> _Container:
-        child = _Container(_BytesSource(data), kind, parent.depth + 1, where)
+    def _nested(self, depth: int, kind: Kind, data: bytes, where: str) -> _Container:
+        child = _Container(_BytesSource(data), kind, depth + 1, where)
         if kind == "7z" and self.scan is not None:
             self._scan([data], where)  # clamd reads 7z itself: only its encryption is checked
         return child
@@ -280,7 +344,7 @@ class _Walk:
             raise _Detected(verdict, where)
 
 
-def _chunks(head: bytes, member: IO[bytes]) -> Iterator[bytes]:
+def _chunks(head: bytes, member: _Reader) -> Iterator[bytes]:
     yield head
     while chunk := member.read(_READ_BYTES):
         yield chunk
@@ -291,7 +355,39 @@ def _kind_of(head: bytes) -> Kind | None:
         return "7z"
     if head[:4] in _ZIP_HEADS:
         return "zip"
+    if head[257:262] == b"ustar":
+        return "tar"
+    if head.startswith(b"\x1f\x8b\x08"):  # gzip, deflate
+        return "gz"
+    if head[:3] == b"BZh" and head[3:4].isdigit() and head[4:10] in _BZ2_BLOCKS:
+        return "bz2"
+    if head.startswith(b"\xfd7zXZ\x00"):
+        return "xz"
     return None
+
+
+def _name(container: _Container) -> str:
+    return container.path or "upload"
+
+
+class _Capped:
+    """A decompressing stream that refuses to give more than `max_file_bytes` (bombs)."""
+
+    def __init__(self, stream: _Reader, limits: ArchiveLimits, container: _Container) -> None:
+        self._stream = stream
+        self._left = limits.max_file_bytes
+        self._container = container
+
+    def read(self, size: int = -1, /) -> bytes:
+        data = self._stream.read(size if size >= 0 else self._left + 1)
+        self._left -= len(data)
+        if self._left < 0:
+            limit = f"decompresses past the member limit: {_name(self._container)}"
+            raise _Refused("limits", limit)
+        return data
+
+    def close(self) -> None:
+        self._stream.close()
 
 
 def _where(container: _Container, name: str) -> str:
@@ -427,8 +523,8 @@ def _check_7z(container: _Container, walk: _Walk) -> None:
 
 
 def sniff(source: _Source) -> Kind | None:
-    """ZIP or 7z by their first bytes, or a zip by its end record (after other data)."""
-    kind = _kind_of(source.pread(8, 0))
+    """An archive or compressed stream by its first bytes, or a zip by its end record."""
+    kind = _kind_of(source.pread(_HEAD_BYTES, 0))
     if kind is not None:
         return kind
     tail_start = max(0, source.size - _TAIL_BYTES)

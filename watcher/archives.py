@@ -44,11 +44,14 @@ import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import IO, Literal, Protocol, cast
+from typing import IO, TYPE_CHECKING, Literal, Protocol, cast
 
 from loguru import logger
 
 from watcher.verdict import Cause, Clean, Infected, NotScanned, Verdict
+
+if TYPE_CHECKING:
+    from watcher.settings import Settings
 
 ZIP_LOCAL = b"PK\x03\x04"
 ZIP_END = b"PK\x05\x06"
@@ -594,3 +597,20 @@ class Inspector:
             and isinstance(verdict, NotScanned)
             and verdict.cause == "encrypted"
         )
+
+
+def inspector_from_settings(settings: Settings, scanner: object) -> Inspector | None:
+    """The daemon's and `watcher scan`'s inspector; None with WATCHER_ARCHIVE_INSPECTION=false.
+    A scanner without `scan_stream` (a test's scripted one) gets a survey-only inspector."""
+    if not settings.archive_inspection:
+        return None
+    limits = ArchiveLimits(
+        max_file_bytes=settings.archive_max_member_bytes,
+        max_scan_bytes=settings.archive_max_scan_bytes,
+        max_files=settings.archive_max_files,
+        max_depth=settings.archive_max_depth,
+        max_ratio=settings.archive_max_ratio,
+        accept_encrypted=settings.accept_encrypted,
+    )
+    streams = cast(StreamScanner, scanner) if hasattr(scanner, "scan_stream") else None
+    return Inspector(limits, streams)

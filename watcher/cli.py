@@ -10,7 +10,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from watcher import __version__, opscli
-from watcher.daemon import Daemon, inspector_from_settings, scanner_from_settings
+from watcher.archives import inspector_from_settings
+from watcher.daemon import Daemon, scanner_from_settings
 from watcher.errors import ClamdUnavailable, ConfigError, WatcherError
 from watcher.fsops import OPEN_UPLOAD_FLAGS
 from watcher.jobs import purge_quarantine_once, update_definitions_once

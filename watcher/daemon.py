@@ -19,7 +19,7 @@ from pathlib import Path
 from loguru import logger
 
 from watcher.allowlist import Allowlist
-from watcher.archives import ArchiveLimits, Inspector
+from watcher.archives import inspector_from_settings
 from watcher.canaries import ClamdCheck
 from watcher.clamav import ClamdScanner, Scanner
 from watcher.definitions import DefinitionsState, LoadedDefinitions
@@ -396,20 +396,6 @@ def scanner_from_settings(settings: Settings) -> ClamdScanner:
         scan_timeout_s=settings.scan_timeout_s,
         connect_timeout_s=settings.connect_timeout_s,
     )
-
-
-def inspector_from_settings(settings: Settings, scanner: Scanner) -> Inspector | None:
-    if not settings.archive_inspection:
-        return None
-    limits = ArchiveLimits(
-        max_file_bytes=settings.archive_max_member_bytes,
-        max_scan_bytes=settings.archive_max_scan_bytes,
-        max_files=settings.archive_max_files,
-        max_depth=settings.archive_max_depth,
-        max_ratio=settings.archive_max_ratio,
-        accept_encrypted=settings.accept_encrypted,
-    )
-    return Inspector(limits, scanner if isinstance(scanner, ClamdScanner) else None)
 
 
 def ignore_lease_breaks() -> None:

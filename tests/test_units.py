@@ -46,10 +46,11 @@ def test_anything_but_an_explicit_ok_is_not_clean(reply: str) -> None:
 
 def test_size_limits_are_unscannable_never_clean() -> None:
     assert parse_reply("INSTREAM size limit exceeded. ERROR") == NotScanned(
-        "exceeds clamd StreamMaxLength", transient=False
+        "exceeds clamd StreamMaxLength", transient=False, cause="limits"
     )
     limited = parse_reply("fd[3]: Heuristics.Limits.Exceeded.MaxFileSize FOUND")
     assert isinstance(limited, NotScanned) and not limited.transient
+    assert limited.cause == "limits"
 
 
 def test_noclobber_names_keep_extension_and_255_bytes() -> None:

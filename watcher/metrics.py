@@ -22,6 +22,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from watcher.pipeline import Outcome, Result
+from watcher.verdict import CAUSES
 
 if TYPE_CHECKING:
     from watcher.daemon import Daemon
@@ -52,6 +53,12 @@ class Metrics:
         )
         for verdict in VERDICTS:
             self.files.labels(verdict)
+        self.unscannable = Counter(
+            "watcher_unscannable", "Unscannable files (quarantined or held) by cause.", ["cause"],
+            registry=self.registry,
+        )  # fmt: skip
+        for cause in CAUSES:
+            self.unscannable.labels(cause)
         self.scan_duration = Histogram(
             "watcher_scan_duration_seconds",
             "Time from claim to delivery of a scanned file (scan, checks, move).",
@@ -80,6 +87,8 @@ class Metrics:
         if result.outcome is Outcome.GONE or result.fields.get("repeat"):
             return
         self.files.labels(_VERDICT_OF.get(result.outcome, result.outcome.value)).inc()
+        if result.cause is not None:
+            self.unscannable.labels(result.cause).inc()
         if result.outcome in _SCANNED:
             self.scan_duration.observe(result.duration_ms / 1000)
 
@@ -119,6 +128,10 @@ class _DaemonCollector(Collector):
         )
         clamd_up = s.scanning_enabled and self._probe_clamd() is None
         yield _gauge("watcher_clamd_up", "1 if clamd answers PING.", 1 if clamd_up else 0)
+        trusted = d.clamd_check.trusted.is_set()
+        yield _gauge(
+            "watcher_clamd_trusted", "1 if clamd answered its canaries right.", 1 if trusted else 0
+        )
         yield self._definitions_age(now)
         yield _gauge(
             "watcher_definitions_stale", "1 if the loaded definitions are stale.",

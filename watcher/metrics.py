@@ -38,6 +38,7 @@ ALERTED_EVENTS = (
     ("file.unscannable", "ERROR"),
     ("clamd.down", "ERROR"),
     ("delivery.failing", "ERROR"),
+    ("clamd.untrusted", "ERROR"),
     ("definitions.update_failed", "ERROR"),
     ("job.failed", "ERROR"),
     ("quarantine.near_full", "WARNING"),

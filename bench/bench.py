@@ -181,6 +181,7 @@ class Watcher:
             "WATCHER_STATE_DIR": str(base / state),
             "CLAMAV_SOCKET": str(clamd.socket),
             "WATCHER_LOG_LEVEL": "INFO",
+            "WATCHER_HTTP_ADDR": "127.0.0.1:0",  # replicas, and other runs on this machine
             **env,
         }
         self.proc = subprocess.Popen(
@@ -281,6 +282,7 @@ def replicas(corpus: Path, base: Path, files: int) -> dict[str, dict[str, Any]]:
     results = {}
     try:
         for count in REPLICAS:
+            os.sync()  # the corpus just written must not be flushed during the drain
             run = base / f"replicas-{count}"
             daemons = [Watcher(run, clamd, state=f"state-{n}") for n in range(count)]
             try:

@@ -39,6 +39,7 @@ def drain(clamd: Clamd, base: Path, replicas: int, seed: int) -> tuple[float, li
     dirs = {name: base / name for name in ("uploads", "processed", "quarantine")}
     dirs["uploads"].mkdir(parents=True)
     files = make_files(base / "aside", FILES, seed)
+    os.sync()  # written aside just now: not to be flushed while the daemons fsync
     daemons = [
         DaemonProcess(replica_env(clamd, dirs, base / f"state-{n}")) for n in range(replicas)
     ]
@@ -121,9 +122,12 @@ def test_four_replicas_on_one_clamd_drain_about_as_fast_as_one(tmp_path: Path) -
     clamd = Clamd(tmp_path / "clamd", max_threads=4, extra_conf="MaxQueue 16\nDisableCache yes\n")
     clamd.start()
     try:
-        one_per_s, _ = drain(clamd, tmp_path / "one", 1, seed=1)
+        one_before, _ = drain(clamd, tmp_path / "one", 1, seed=1)
         four_per_s, pings = drain(clamd, tmp_path / "four", 4, seed=2)
+        one_after, _ = drain(clamd, tmp_path / "one-again", 1, seed=3)
     finally:
         clamd.stop()
+    # One replica before and after: the slower of the two, as this machine's speed drifts.
+    one_per_s = min(one_before, one_after)
     assert four_per_s >= 0.5 * one_per_s, f"4 replicas {four_per_s:.0f}/s, 1: {one_per_s:.0f}/s"
     assert pings and max(pings) < 2.0, f"PING times while busy: {sorted(pings)[-5:]}"

@@ -1,8 +1,10 @@
 """`make bench`: watcher against clamd's own limit and the hand-written inotify loop.
 
 Everything runs in one go on one clamd (4 threads, DisableCache yes, the test signatures), so
-the ratios compare like with like on a shared, noisy machine. Prints a table and writes
-bench/results/latest.json. Not part of `make test`.
+the ratios compare like with like on a shared, noisy machine; the replicas row (1, 2, 4 daemons
+on one uploads directory) has a clamd of its own with MaxQueue 16, where connections held open
+by one daemon starve the others. Prints a table and writes bench/results/latest.json. Not part
+of `make test`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import platform
 import random
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -77,7 +80,7 @@ def make_corpus(directory: Path, count: int, seed: int = 1) -> int:
 
 
 class Clamd:
-    def __init__(self, root: Path, threads: int = 4) -> None:
+    def __init__(self, root: Path, threads: int = 4, max_queue: int = 200) -> None:
         self.root = root
         self.socket = root / "clamd.sock"
         self.conf = root / "clamd.conf"
@@ -87,7 +90,7 @@ class Clamd:
             shutil.copy(sig, root / "db" / sig.name)
         self.conf.write_text(
             f"LocalSocket {self.socket}\nDatabaseDirectory {root / 'db'}\nForeground yes\n"
-            f"TemporaryDirectory {root / 'tmp'}\nMaxThreads {threads}\nMaxQueue 200\n"
+            f"TemporaryDirectory {root / 'tmp'}\nMaxThreads {threads}\nMaxQueue {max_queue}\n"
             # AlertEncrypted: with WATCHER_ARCHIVE_INSPECTION=false (the A/B's "off" arm) clamd
             # must flag the encrypted canary itself, or the daemon holds every file.
             "DisableCache yes\nAlertExceedsMax yes\nAlertEncrypted yes\nSelfCheck 3600\n"
@@ -164,11 +167,11 @@ DELIVERED_EVENTS = {"file.clean", "file.infected", "file.unscannable"}
 class Watcher:
     """`watcher run` as a subprocess, its JSON log kept for latency figures."""
 
-    def __init__(self, base: Path, clamd: Clamd, **env: str) -> None:
+    def __init__(self, base: Path, clamd: Clamd, state: str = "state", **env: str) -> None:
         self.uploads, self.processed, self.quarantine = (
             base / "uploads", base / "processed", base / "quarantine"
         )  # fmt: skip
-        self.uploads.mkdir(parents=True)
+        self.uploads.mkdir(parents=True, exist_ok=True)
         self.log: list[dict[str, Any]] = []
         self.delivered = 0
         self._delivered_cond = threading.Condition()
@@ -177,9 +180,10 @@ class Watcher:
             "WATCHER_UPLOADS_DIR": str(self.uploads),
             "WATCHER_PROCESSED_DIR": str(self.processed),
             "WATCHER_QUARANTINE_DIR": str(self.quarantine),
-            "WATCHER_STATE_DIR": str(base / "state"),
+            "WATCHER_STATE_DIR": str(base / state),
             "CLAMAV_SOCKET": str(clamd.socket),
             "WATCHER_LOG_LEVEL": "INFO",
+            "WATCHER_HTTP_ADDR": "127.0.0.1:0",  # replicas, and other runs on this machine
             **env,
         }
         self.proc = subprocess.Popen(
@@ -253,13 +257,91 @@ def hand_loop(clamd: Clamd, corpus: Path, base: Path, files: int) -> float:
     return finished - started
 
 
-def watcher_drain(clamd: Clamd, corpus: Path, base: Path, files: int) -> tuple[float, Watcher]:
+def watcher_drain(
+    clamd: Clamd, corpus: Path, base: Path, files: int
+) -> tuple[float, dict[str, float], Watcher]:
+    """Seconds to drain the corpus, and the daemon's and clamd's CPU per file meanwhile."""
     daemon = Watcher(base, clamd)
+    cpu_before = cpu_seconds(daemon.proc.pid), cpu_seconds(clamd.proc.pid)
     started = move_all(corpus, daemon.uploads)
     finished = daemon.wait_delivered(files, 600)
+    cpu = {
+        "daemon_cpu_ms_per_file": 1000 * (cpu_seconds(daemon.proc.pid) - cpu_before[0]) / files,
+        "clamd_cpu_ms_per_file": 1000 * (cpu_seconds(clamd.proc.pid) - cpu_before[1]) / files,
+    }
     if count_files(daemon.processed) != files:
         raise RuntimeError(f"{count_files(daemon.processed)}/{files} files in processed")
-    return finished - started, daemon
+    return finished - started, cpu, daemon
+
+
+REPLICAS = (1, 2, 4)
+
+
+def replicas(corpus: Path, base: Path, files: int) -> dict[str, dict[str, Any]]:
+    """1, 2 and 4 daemons on one uploads directory and one clamd (MaxThreads 4, MaxQueue 16),
+    each count draining the corpus: rate, CPU per file (all daemons), another client's PINGs."""
+    clamd = Clamd(base / "clamd", max_queue=16)
+    results = {}
+    try:
+        for count in REPLICAS:
+            os.sync()  # the corpus just written must not be flushed during the drain
+            run = base / f"replicas-{count}"
+            daemons = [Watcher(run, clamd, state=f"state-{n}") for n in range(count)]
+            try:
+                results[str(count)] = replicas_drain(clamd, daemons, corpus, files)
+            finally:
+                for daemon in daemons:
+                    daemon.stop()
+            shutil.rmtree(corpus)  # the same files again for the next count
+            make_corpus(corpus, files)
+            print(f"replicas {count}: {results[str(count)]}", flush=True)
+    finally:
+        clamd.stop()
+    return results
+
+
+def replicas_drain(
+    clamd: Clamd, daemons: list[Watcher], corpus: Path, files: int, limit_s: float = 120
+) -> dict[str, Any]:
+    pings: list[float] = []
+    stop = threading.Event()
+    pinger = threading.Thread(target=ping_until, args=(clamd.socket, stop, pings))
+    cpu_before = sum(cpu_seconds(d.proc.pid) for d in daemons)
+    pinger.start()
+    started = move_all(corpus, daemons[0].uploads)
+    deadline = started + limit_s
+    while sum(d.delivered for d in daemons) < files and time.monotonic() < deadline:
+        time.sleep(0.02)
+    finished = time.monotonic()
+    stop.set()
+    pinger.join()
+    delivered = sum(d.delivered for d in daemons)
+    cpu_s = sum(cpu_seconds(d.proc.pid) for d in daemons) - cpu_before
+    return {
+        "files_per_s": delivered / (finished - started),
+        "complete": delivered >= files and count_files(daemons[0].processed) == files,
+        "daemon_cpu_ms_per_file": 1000 * cpu_s / max(delivered, 1),
+        "ping_max_ms": max(pings, default=0.0),
+        "ping_p50_ms": statistics.median(pings) if pings else 0.0,
+    }
+
+
+def ping_until(
+    path: Path, stop: threading.Event, pings: list[float], timeout_s: float = 10
+) -> None:
+    """Another client of clamd (the app, a health check): a PING every 0.1 s, in ms (a PING
+    not answered counts as the timeout)."""
+    while not stop.wait(0.1):
+        started = time.monotonic()
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(timeout_s)
+                sock.connect(str(path))
+                sock.sendall(b"zPING\0")
+                answered = sock.recv(16) == b"PONG\0"
+        except OSError:
+            answered = False
+        pings.append(1000 * (time.monotonic() - started if answered else timeout_s))
 
 
 def latency(daemon: Watcher, rate: int, seconds: int) -> dict[str, float]:
@@ -432,8 +514,8 @@ def main() -> int:
         hand_s = hand_loop(clamd, corpus, base, args.files)
         print(f"hand loop: {hand_s:.2f}s", flush=True)
         engine_s = min(engine_s, engine_limit(clamd, corpus))  # best of two, after warm-up
-        watcher_s, daemon = watcher_drain(clamd, corpus, base / "w", args.files)
-        print(f"watcher: {watcher_s:.2f}s", flush=True)
+        watcher_s, cpu, daemon = watcher_drain(clamd, corpus, base / "w", args.files)
+        print(f"watcher: {watcher_s:.2f}s {cpu}", flush=True)
         try:
             results["throughput"] = {
                 "engine_files_per_s": args.files / engine_s,
@@ -441,6 +523,7 @@ def main() -> int:
                 "watcher_files_per_s": args.files / watcher_s,
                 "watcher_vs_engine": engine_s / watcher_s,
                 "watcher_vs_hand_loop": hand_s / watcher_s,
+                **cpu,
             }
             results["latency"] = latency(daemon, args.rate, args.seconds)
             results["latency"]["rate_per_s"] = args.rate
@@ -460,6 +543,8 @@ def main() -> int:
                 results["big_file"] = big_file(daemon, int(args.big_gb * 1024**3))
         finally:
             daemon.stop()
+        make_corpus(corpus, args.files)  # the same files again (the drain moved them away)
+        results["replicas"] = replicas(corpus, base / "replicas", args.files)
     finally:
         clamd.stop()
         shutil.rmtree(base, ignore_errors=True)
@@ -485,6 +570,11 @@ def print_table(r: dict[str, Any]) -> None:
         ("watcher ÷ engine", f"{t['watcher_vs_engine']:.2f}", "≥ 0.95"),
         ("watcher ÷ hand loop", f"{t['watcher_vs_hand_loop']:.1f}", "≥ 8"),
         (
+            "CPU per file while it drains: daemon / clamd (/proc)",
+            f"{t['daemon_cpu_ms_per_file']:.2f} / {t['clamd_cpu_ms_per_file']:.2f} ms",
+            "",
+        ),
+        (
             f"latency at {lat['rate_per_s']}/s p50 / p95",
             f"{lat['p50_ms']:.1f} / {lat['p95_ms']:.1f} ms",
             "p50 ≤ 30",
@@ -502,6 +592,8 @@ def print_table(r: dict[str, Any]) -> None:
         big = r["big_file"]
         peak = f"RSS {big['rss_before_mb']:.0f} → peak {big['rss_peak_mb']:.0f} MB"
         rows.append(("2 GB file", f"{big['event']}; {peak}", "flat"))
+    if "replicas" in r:
+        rows.extend(replica_rows(r["replicas"]))
     machine, corpus = r["machine"], r["corpus"]
     print(
         f"\nmachine: {machine['cores']} cores, {machine['clamd']}, {machine['signatures']} "
@@ -511,6 +603,33 @@ def print_table(r: dict[str, Any]) -> None:
     print("| measure | result | target |\n|---|---|---|")
     for row in rows:
         print(f"| {row[0]} | {row[1]} | {row[2]} |")
+
+
+def replica_rows(r: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
+    counts = " / ".join(r)
+
+    def each(key: str, fmt: str) -> str:
+        return " / ".join(format(r[n][key], fmt) for n in r)
+
+    incomplete = [n for n in r if not r[n]["complete"]]
+    note = f" (**not all delivered**: {', '.join(incomplete)})" if incomplete else ""
+    return [
+        (
+            f"replicas on one clamd (MaxQueue 16): {counts} daemons",
+            f"{each('files_per_s', '.0f')} files/s{note}",
+            "2, 4 ≥ 1",
+        ),
+        (
+            f"daemon CPU per file, {counts} daemons (all of them)",
+            f"{each('daemon_cpu_ms_per_file', '.2f')} ms",
+            "",
+        ),
+        (
+            f"another client's PING while {counts} drain: p50; max",
+            f"{each('ping_p50_ms', '.1f')}; {each('ping_max_ms', '.0f')} ms",
+            "prompt",
+        ),
+    ]
 
 
 if __name__ == "__main__":

@@ -112,7 +112,11 @@ class Clamd:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGCONT)
             self.proc.terminate()
-            self.proc.wait(timeout=30)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:  # seen with clients waiting in its full backlog
+                self.proc.kill()
+                self.proc.wait(timeout=30)
         self.socket.unlink(missing_ok=True)
 
     def freeze(self) -> None:

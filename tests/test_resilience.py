@@ -27,7 +27,7 @@ from support import (
 
 from watcher.daemon import Daemon
 from watcher.staging import Staging
-from watcher.verdict import Clean, Infected, NotScanned, Verdict
+from watcher.verdict import Clean, NotScanned, Verdict
 
 Start = Callable[..., Daemon]
 
@@ -332,35 +332,3 @@ def test_lost_inotify_events_are_swept_at_once(
     )
     assert daemon.terminate() == 0
     assert_each_exactly_once(dirs, files)
-
-
-def test_a_session_lost_between_scans_is_replaced_without_failing_a_scan(
-    tmp_path: Path,
-) -> None:
-    """A worker's scans share one IDSESSION connection; one clamd closed meanwhile (here by
-    restarting) is replaced before the send, and the scan goes ahead."""
-    server = Clamd(tmp_path / "clamd")
-    server.start()
-    try:
-        scanner = server.scanner
-        sample = tmp_path / "sample.txt"
-        sample.write_bytes(b"nothing to see")
-        fd = os.open(sample, os.O_RDONLY)
-        try:
-            assert scanner.scan_fd(fd) == Clean()
-            assert getattr(scanner._local, "session", None) is None  # not a worker: no session
-            scanner.keep_session()
-            assert scanner.scan_fd(fd) == Clean()
-            kept = scanner._local.session
-            assert scanner.scan_fd(fd) == Clean() and scanner._local.session is kept
-            server.stop()
-            server.start()
-            assert scanner.scan_fd(fd) == Clean()  # a fresh session, not a failed scan
-            assert scanner._local.session is not kept
-            sample.write_bytes(EICAR)
-            assert isinstance(scanner.scan_fd(fd), Infected)
-        finally:
-            os.close(fd)
-            scanner.end_session()
-    finally:
-        server.stop()

@@ -2,8 +2,9 @@
 
 Fixed here (see PITFALLS.md): one client per call (instances are not thread-safe); a connect
 timeout; `z` (NUL) framing and no caller data in commands; `sendall` and 1 MiB INSTREAM chunks;
-reading clamd's reply after a broken pipe; FILDES on unix sockets, in one IDSESSION connection
-per worker thread (`keep_session`). Errors that come back as data become `NotScanned`;
+reading clamd's reply after a broken pipe; FILDES on unix sockets, for worker threads
+(`keep_session`) in IDSESSION connections from a bounded pool that closes idle and aged ones
+(watcher/sessions.py says why). Errors that come back as data become `NotScanned`;
 connection failures become `ClamdUnavailable`.
 """
 
@@ -15,7 +16,6 @@ import re
 import socket
 import struct
 import threading
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import clamd
 
 from watcher.errors import ClamdUnavailable
+from watcher.sessions import SessionPool
 from watcher.verdict import NotScanned, Verdict, parse_reply
 
 INSTREAM_CHUNK_BYTES = 1024 * 1024
@@ -163,10 +164,11 @@ class _TcpClient(_FixedProtocol, clamd.ClamdNetworkSocket):  # type: ignore[misc
         return self.instream_fd(fd)
 
 
-# A session idle this long is replaced, not reused. clamd 1.4.6 kept idle sessions open here
-# (40 s, even with IdleTimeout 1), but another version or setting may close one, and a request
-# sent as it closes costs that file a scan attempt.
-SESSION_IDLE_S = 10.0
+# A pooled session idle this long is closed: an idle one holds a place in clamd's MaxQueue.
+SESSION_IDLE_S = 0.25
+# A session is closed after its reply once this old (jittered down to half): while every
+# session is busy, this is how long another client may wait to be accepted by a full clamd.
+SESSION_MAX_AGE_S = 0.5
 
 
 class _Session:
@@ -188,7 +190,6 @@ class _Session:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, limit)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, limit)
         self.requests = 0
-        self.last_used = time.monotonic()
         try:
             self.sock.sendall(b"zIDSESSION\0")
         except OSError as err:
@@ -202,7 +203,6 @@ class _Session:
 
     def receive(self) -> str:
         reply = self._client._recv_response()
-        self.last_used = time.monotonic()
         number, sep, rest = reply.partition(": ")
         if not sep or number != str(self.requests):
             raise clamd.ConnectionError(f"unexpected reply in session: {reply!r}")
@@ -224,6 +224,13 @@ class ClamdScanner:
     _local: threading.local = field(
         default_factory=threading.local, init=False, compare=False, repr=False
     )
+    _sessions: SessionPool[_Session] = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        pool = SessionPool(
+            self._open_session, self._session_limit, SESSION_IDLE_S, SESSION_MAX_AGE_S
+        )
+        object.__setattr__(self, "_sessions", pool)  # frozen: set once, here
 
     def _client(self, timeout: float) -> _UnixClient | _TcpClient:
         if self.socket_path is not None:
@@ -270,50 +277,57 @@ class ClamdScanner:
         return parse_reply(reply)
 
     def keep_session(self) -> None:
-        """The calling thread scans file after file (a worker): its scans share one IDSESSION
-        connection until `end_session`. Other threads get a connection per scan."""
+        """The calling thread scans file after file (a worker): its scans go through the pool
+        of IDSESSION connections until `end_session`. Other threads get a connection per scan."""
         self._local.keep = True
 
     def end_session(self) -> None:
-        """Close the calling thread's session, if it has one (a worker that stops)."""
+        """The calling thread (a worker that stops) scans no more; pooled sessions are closed."""
         self._local.keep = False
-        session: _Session | None = getattr(self._local, "session", None)
-        self._local.session = None
-        if session is not None:
-            session.close()
+        self._sessions.close()
 
     def _scan_in_session(self, fd: int) -> str:
-        """FILDES in this thread's session; a fresh one if the kept one is gone before the send.
+        """FILDES in a pooled session; a fresh one if the pooled one is gone before the send.
 
-        Only a failed send is retried (clamd closed an idle session): once the request is
-        sent, a lost connection is the scan's failure, as with a connection per file.
+        Only a failed send is retried (clamd closed the session): once the request is sent, a
+        lost connection is the scan's failure, as with a connection per file. With as many
+        sessions open as clamd has threads, the scan gets a connection of its own.
         """
-        session: _Session | None = getattr(self._local, "session", None)
-        self._local.session = None  # kept again only after a clean exchange
-        if session is not None and time.monotonic() - session.last_used > SESSION_IDLE_S:
-            session.close()
-            session = None
+        pool = self._sessions
+        session = pool.lease()
         if session is not None:
             try:
                 session.send_fildes(fd)
             except OSError:
-                session.close()
+                pool.discard(session)
                 session = None
         if session is None:
-            assert self.socket_path is not None
-            session = _Session(str(self.socket_path), self.scan_timeout_s, self.connect_timeout_s)
+            session = pool.open()
+            if session is None:
+                return self._client(self.scan_timeout_s).scan_reply(fd)
             try:
                 session.send_fildes(fd)
             except OSError as err:
-                session.close()
+                pool.discard(session)
                 raise clamd.ConnectionError(f"FILDES: {err}") from err
         try:
             reply = session.receive()
         except BaseException:
-            session.close()
+            pool.discard(session)
             raise
-        self._local.session = session
+        pool.give_back(session)
         return reply
+
+    def _open_session(self) -> _Session:
+        assert self.socket_path is not None
+        return _Session(str(self.socket_path), self.scan_timeout_s, self.connect_timeout_s)
+
+    def _session_limit(self) -> int | None:
+        """clamd's MaxThreads (STATS), or None while clamd does not answer."""
+        try:
+            return self.max_threads()
+        except ClamdUnavailable:
+            return None
 
     def _command(self, command: str, timeout: float) -> str:
         client = self._client(timeout)

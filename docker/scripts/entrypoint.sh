@@ -144,6 +144,15 @@ prepare_definitions() {
     done
 }
 
+# As root: clamd's socket directory, 1777 like /tmp, so that clamd can create its socket there
+# as whichever user it runs as. Under the compose file's read-only root it is a fresh tmpfs, which
+# engines make root-owned (podman 0755, whatever the tmpfs mode option says); root owns it, so
+# the chmod needs no capability.
+prepare_socket_dir() {
+    mkdir -p -- "$CLAMD_RUN" 2>/dev/null || true
+    chmod 1777 "$CLAMD_RUN" 2>/dev/null || true
+}
+
 # As `watcher`: the checks, then the definitions clamd will load (the watcher user owns them).
 prepare() {
     check_directories
@@ -221,6 +230,7 @@ main_run() {
     fi
     if is_root; then
         fix_ownership
+        prepare_socket_dir
         "${as_watcher[@]}" "$0" _prepare || exit $?
     else
         prepare

@@ -62,19 +62,27 @@ drop_privileges() {
     exec "${prefix[@]}" "$@"
 }
 
-# As root: create the directories and give them to the watcher user (only what is not already
-# its own, so a large uploads volume costs one pass of stat calls, not a rewrite). Without
-# CAP_CHOWN (the compose file grants none) this changes nothing; the check as `watcher` that
-# follows names any directory that is still not writable.
+# Whether this process may chown (CAP_CHOWN, bit 0 of the effective set).
+can_chown() {
+    local eff
+    eff=$(awk '/^CapEff:/ {print $2}' /proc/self/status)
+    (((16#$eff & 1) != 0))
+}
+
+# As root with CAP_CHOWN: create the directories and give them to the watcher user (only what is
+# not already its own, so a large uploads volume costs one pass of stat calls, not a rewrite).
+# Without it (the compose file grants none) nothing is tried: named volumes start out with the
+# image's ownership, and the check as `watcher` that follows names any directory not writable.
 fix_ownership() {
     local dir
+    can_chown || return 0
     for dir in "$uploads" "$processed" "$quarantine" "$state" "$CLAMAV_DB" "$LOG_DIR"; do
         mkdir -p -- "$dir" 2>/dev/null || true
         find "$dir" -xdev \( ! -user "$RUN_AS" -o ! -group "$RUN_AS" \) \
             -exec chown -h "$RUN_AS:$RUN_AS" {} + 2>/dev/null || true
     done
     chmod 0700 "$quarantine" 2>/dev/null || true
-    log INFO container.ownership "data directories given to $RUN_AS where they were not (needs CAP_CHOWN)"
+    log INFO container.ownership "data directories owned by $RUN_AS"
 }
 
 # As the watcher user: every directory must exist and be writable; name the first that is not.

@@ -63,9 +63,17 @@ def test_noclobber_names_keep_extension_and_255_bytes() -> None:
 def _claim_files(staging: Staging, uploads: Path, name: str, body: bytes) -> Path:
     upload = uploads / name
     upload.write_bytes(body)
-    claim = staging.claim(upload, name)
+    claim = _claim(staging, uploads, name)
     assert claim is not None
     return claim.data
+
+
+def _claim(staging: Staging, uploads: Path, rel: str) -> Claim | None:
+    parent = os.open((uploads / rel).parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return staging.claim(parent, os.path.basename(rel), rel)
+    finally:
+        os.close(parent)
 
 
 def _die(staging: Staging) -> None:
@@ -78,7 +86,6 @@ def test_recovery_redoes_claims_left_by_a_dead_daemon(tmp_path: Path) -> None:
     uploads.mkdir()
     dead = Staging(uploads / ".watcher")
     dead.open()
-    _claim_files(dead, uploads, "sub dir/a\nb ü.txt", b"a") if False else None
     (uploads / "sub dir").mkdir()
     _claim_files(dead, uploads, "sub dir/a\nb ü.txt", b"a")
     _die(dead)
@@ -113,7 +120,7 @@ def test_crash_between_link_and_unlink_is_finished_not_delivered_twice(tmp_path:
     dead.open()
     processed.mkdir()
     data = _claim_files(dead, uploads, "c.txt", b"c")
-    claim = Journal.read(dead.dir)
+    claim = Journal.read(dead.dir_fd)
     (claim_id,) = claim
     dead.journal.note(Claim(claim_id, "c.txt", data, 0.0), str(processed / "c.txt"))
     os.link(data, processed / "c.txt")  # ... and the crash came before the unlink
@@ -159,13 +166,12 @@ def test_journal_segments_are_deleted_once_settled(
     claims = []
     for n in range(20):
         (uploads / f"{n}.txt").write_bytes(b"x")
-        claim = staging.claim(uploads / f"{n}.txt", f"{n}.txt")
+        claim = _claim(staging, uploads, f"{n}.txt")
         assert claim is not None
         claims.append(claim)
     assert len(list(staging.dir.glob("journal-*"))) > 3
     for claim in claims:
-        claim.data.unlink()
-        staging.release(claim)
+        staging.drop(claim)
     assert len(list(staging.dir.glob("journal-*"))) == 1  # only the current one
     staging.close()
     assert not staging.dir.exists()

@@ -28,7 +28,7 @@ from watcher.jobs import Jobs
 from watcher.jobstatus import JobStatus
 from watcher.ops import Operations
 from watcher.pipeline import Outcome, Pipeline, PipelineConfig, Result, RetryCause
-from watcher.settings import Settings
+from watcher.settings import Settings, check_disjoint
 from watcher.staging import Claim, Staging
 
 WorkItem = Path | Claim
@@ -122,6 +122,43 @@ class ClamdHealth:
             return
 
 
+class DestinationHealth:
+    """Deliveries each destination refused in a row; from `FAILING_AFTER` on it is failing.
+
+    A destination that refuses every file (unwritable, another filesystem that refuses our
+    moves, ...) makes the daemon not ready and is logged `delivery.failing` once, and
+    `delivery.ok` once a delivery there succeeds again. Files wait meanwhile.
+    """
+
+    FAILING_AFTER = 3
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._failures: dict[str, tuple[int, str]] = {}
+
+    def failed(self, destination: str, reason: str) -> None:
+        with self._lock:
+            count = self._failures.get(destination, (0, ""))[0] + 1
+            self._failures[destination] = (count, reason)
+        if count == self.FAILING_AFTER:
+            logger.bind(event="delivery.failing", dest=destination, reason=reason).error(
+                "a destination refuses deliveries: files wait"
+            )
+
+    def delivered(self, destination: str) -> None:
+        if destination not in self._failures:  # the hot path: no lock, nothing to do
+            return
+        with self._lock:
+            count, _ = self._failures.pop(destination, (0, ""))
+        if count >= self.FAILING_AFTER:
+            logger.bind(event="delivery.ok", dest=destination).info("delivering again")
+
+    def failing(self) -> dict[str, str]:
+        """Each failing destination with the last reason it gave."""
+        with self._lock:
+            return {d: r for d, (n, r) in self._failures.items() if n >= self.FAILING_AFTER}
+
+
 class Daemon:
     def __init__(self, settings: Settings, scanner: Scanner | None = None) -> None:
         self.settings = settings
@@ -138,12 +175,19 @@ class Daemon:
                 unscannable_policy=settings.unscannable_policy,
                 max_scan_attempts=settings.max_scan_attempts,
                 retry_max_backoff_s=settings.retry_max_backoff_s,
+                max_depth=settings.max_depth,
             ),
             self.scanner,
             self.staging,
             self.deliverer,
             allowlisted=self.allowlist.contains,
         )
+        self.destinations = DestinationHealth()
+        processed, quarantine = str(settings.processed_dir), str(settings.quarantine_dir)
+        self._destination_of = {
+            Outcome.CLEAN: processed, Outcome.ALLOWLISTED: processed, Outcome.UNSCANNED: processed,
+            Outcome.INFECTED: quarantine, Outcome.UNSCANNABLE: quarantine,
+        }  # fmt: skip
         self.queue = WorkQueue(settings.queue_size)
         self.clamd = ClamdHealth(self.scanner, self.stop_event)
         self.intake = Intake(
@@ -156,6 +200,7 @@ class Daemon:
             polling=settings.observer == "polling",
             poll_interval_s=settings.poll_interval_s,
             skip_dirs=(settings.staging_root,),
+            max_depth=settings.max_depth,
             after_full_sweep=self._adopt_orphans,
         )
         self.definitions = DefinitionsState()
@@ -182,6 +227,7 @@ class Daemon:
 
     def start(self) -> None:
         s = self.settings
+        check_disjoint(s)  # before anything is made or moved
         self.ops.bind()  # a taken WATCHER_HTTP_ADDR fails here, before any file is claimed
         ignore_lease_breaks()
         s.uploads_dir.mkdir(parents=True, exist_ok=True)
@@ -243,7 +289,11 @@ class Daemon:
         return 0
 
     def alive(self) -> bool:
-        return self.intake.alive() and all(t.is_alive() for t in self._workers)
+        return (
+            self.intake.alive()
+            and self.deliverer.committer.alive()
+            and all(t.is_alive() for t in self._workers)
+        )
 
     # -- workers ------------------------------------------------------------------------
 
@@ -312,6 +362,9 @@ class Daemon:
             return
         if isinstance(item, Claim) and self._waiting_for_space:
             self._space_settled(item.id)
+        destination = self._destination_of.get(result.outcome)
+        if destination is not None:
+            self.destinations.delivered(destination)
         with self._count_lock:
             self.counts[result.outcome.value] += 1
         for listener in self._listeners:
@@ -342,6 +395,8 @@ class Daemon:
         assert result.claim is not None
         if result.retry_cause is RetryCause.CLAMD_DOWN:
             self.clamd.mark_down(result.reason or "")
+        elif result.retry_cause is RetryCause.DELIVERY:
+            self.destinations.failed(_str(result.dest) or "?", result.reason or "")
         elif result.retry_cause is RetryCause.STORAGE_FULL:
             with self._count_lock:
                 waiting = self._waiting_for_space.setdefault(result.dest, set())

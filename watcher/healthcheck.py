@@ -58,6 +58,10 @@ def check(state: Path, now: float | None = None) -> tuple[bool, str]:
     limit_s = HEARTBEAT_MISSES * interval_s + 1
     if age_s > limit_s:
         return False, f"daemon stuck: last heartbeat {age_s:.0f}s ago (limit {limit_s:.0f}s)"
+    problems = beat.get("problems")
+    if isinstance(problems, dict) and problems:
+        listed = "; ".join(f"{k}: {v}" for k, v in sorted(problems.items()))
+        return False, f"daemon pid {pid} alive but unhealthy: {listed}"
     clamd = beat.get("clamd")
     if not clamd:
         return True, f"ok: daemon pid {pid} alive; scanning disabled, clamd not checked"

@@ -9,6 +9,7 @@ the daemon when scraped.
 from __future__ import annotations
 
 import os
+import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
@@ -104,7 +105,7 @@ class _DaemonCollector(Collector):
         now = time.time()
         yield _gauge("watcher_queue_depth", "Files waiting in the in-memory queue.", len(d.queue))
         yield _gauge("watcher_in_flight", "Files being scanned or delivered now.", d.in_flight)
-        oldest = oldest_pending_s(s.uploads_dir, s.staging_root, d.intake.ignored, now)
+        oldest = oldest_pending_s(d.intake.walk(), s.staging_root, now)
         yield _gauge(
             "watcher_oldest_pending_seconds",
             "Age of the oldest file not yet delivered (in uploads or claimed); 0 if none.",
@@ -186,20 +187,13 @@ def quarantine_usage(quarantine_dir: Path) -> tuple[int, int]:
 
 
 def oldest_pending_s(
-    uploads_dir: Path, staging_root: Path, ignored: Callable[[Path], bool], now: float
+    uploads: Iterable[tuple[Path, os.stat_result]], staging_root: Path, now: float
 ) -> float:
     """Seconds since the oldest waiting file arrived (its ctime: a rename or link counts)."""
     oldest = now
-    skip = str(staging_root)
-    for dirpath, dirnames, filenames in os.walk(uploads_dir):
-        dirnames[:] = [
-            d for d in dirnames
-            if os.path.join(dirpath, d) != skip and not ignored(Path(dirpath, d))
-        ]  # fmt: skip
-        for name in filenames:
-            path = Path(dirpath, name)
-            if not ignored(path):
-                oldest = min(oldest, _ctime(path, now))
+    for _, st in uploads:
+        if stat.S_ISREG(st.st_mode):
+            oldest = min(oldest, st.st_ctime)
     for claim in staging_root.glob("d-*/*.data"):
         oldest = min(oldest, _ctime(claim, now, delivered_links=True))
     return max(0.0, now - oldest)

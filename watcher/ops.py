@@ -34,6 +34,7 @@ class Operations:
         clamd = clamd or f"{s.clamav_host}:{s.clamav_port}"
         self.heartbeat = Heartbeat(
             s.state_dir / HEARTBEAT_FILE, s.heartbeat_interval_s, daemon.alive,
+            problems=daemon.destinations.failing,
             clamd=clamd if s.scanning_enabled else None, probe_timeout_s=s.probe_timeout_s,
         )  # fmt: skip
         self.server: ApiServer | None = None

@@ -6,10 +6,11 @@
 #   bundled   docker-compose.yml                                      (clamd inside the scanner)
 #   external  docker-compose.yml + docker-compose.external-clamd.yml  (clamd in its own service)
 #
-# Each with tests/compose/no-internet.yml on top, which changes only what this machine lacks: no
-# definitions download (the entrypoint's test-signature fallback), and for `external` a local
-# stand-in for the official clamav/clamav image. Images are built beforehand by the Makefile
-# (WATCHER_IMAGE, APP_IMAGE, CLAMAV_STANDIN_IMAGE); the app is published on a free host port.
+# Overrides change only what this machine lacks: tests/compose/no-internet.yml (no definitions
+# download: the entrypoint's test-signature fallback) on both, and for `external`
+# tests/compose/clamav-standin.yml (a local stand-in for the official clamav/clamav image, which
+# cannot be pulled). Images are built beforehand by the Makefile (WATCHER_IMAGE, APP_IMAGE,
+# CLAMAV_STANDIN_IMAGE); the app is published on a free host port (APP_PORT).
 #
 # For each stack: `up -d --wait` (every service healthy); a clean file and EICAR uploaded through
 # the app's published port, with the answers checked; the clean file downloaded byte for byte;
@@ -30,8 +31,8 @@ export WATCHER_IMAGE=${WATCHER_IMAGE:-localhost/watcher:dev}
 export APP_IMAGE=${APP_IMAGE:-localhost/watcher-example-app:dev}
 export CLAMAV_STANDIN_IMAGE=${CLAMAV_STANDIN_IMAGE:-localhost/watcher-clamav-standin:bookworm}
 UP_TIMEOUT_S=${UP_TIMEOUT_S:-180}
-# STACKS="bundled" or "external" runs one of the two (both by default).
 DELIVERY_TIMEOUT_S=${DELIVERY_TIMEOUT_S:-120}
+# STACKS="bundled" or "external" runs one of the two (both by default).
 
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from watcher.deliver import Deliverer
-from watcher.fsops import noclobber_names
+from watcher.fsops import copy_to_new_file, noclobber_names
 from watcher.staging import Claim, Journal, Staging
 from watcher.verdict import Clean, Infected, NotScanned, parse_reply
 
@@ -46,10 +46,11 @@ def test_anything_but_an_explicit_ok_is_not_clean(reply: str) -> None:
 
 def test_size_limits_are_unscannable_never_clean() -> None:
     assert parse_reply("INSTREAM size limit exceeded. ERROR") == NotScanned(
-        "exceeds clamd StreamMaxLength", transient=False
+        "exceeds clamd StreamMaxLength", transient=False, cause="limits"
     )
     limited = parse_reply("fd[3]: Heuristics.Limits.Exceeded.MaxFileSize FOUND")
     assert isinstance(limited, NotScanned) and not limited.transient
+    assert limited.cause == "limits"
 
 
 def test_noclobber_names_keep_extension_and_255_bytes() -> None:
@@ -192,3 +193,25 @@ def test_a_daemon_starting_up_is_never_adopted_and_a_dead_start_is_cleaned(
     assert staging.dir.name.startswith("d-") and (staging.dir / "lock").exists()
     assert staging.recover() == []
     assert starting.exists() and not dead.exists()
+
+
+def test_a_copy_keeps_the_holes_of_a_sparse_file(tmp_path: Path) -> None:
+    """Issue 11.6: a copy (between mounts, or a private copy) never fills an upload's holes."""
+    source = tmp_path / "sparse.bin"
+    with open(source, "wb") as f:
+        f.truncate(8 << 30)
+        f.seek(4 << 30)
+        f.write(b"middle")
+    src = os.open(source, os.O_RDONLY)
+    out_dir = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        copy_to_new_file(src, out_dir, "copy.bin", 0o640)
+    finally:
+        os.close(src)
+        os.close(out_dir)
+    copy = tmp_path / "copy.bin"
+    assert copy.stat().st_size == 8 << 30 and copy.stat().st_blocks * 512 < 1 << 20
+    assert copy.stat().st_mode & 0o777 == 0o640
+    with open(copy, "rb") as f:
+        f.seek(4 << 30)
+        assert f.read(6) == b"middle"

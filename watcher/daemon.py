@@ -19,6 +19,8 @@ from pathlib import Path
 from loguru import logger
 
 from watcher.allowlist import Allowlist
+from watcher.archives import inspector_from_settings
+from watcher.canaries import ClamdCheck
 from watcher.clamav import ClamdScanner, Scanner
 from watcher.definitions import DefinitionsState, LoadedDefinitions
 from watcher.deliver import Deliverer
@@ -167,6 +169,7 @@ class Daemon:
         self.staging = Staging(settings.staging_root)
         self.deliverer = Deliverer(settings.processed_dir, settings.quarantine_dir, self.staging)
         self.allowlist = Allowlist(settings.state_dir / "allowlist")
+        self.inspector = inspector_from_settings(settings, self.scanner)
         self.pipeline = Pipeline(
             PipelineConfig(
                 uploads_dir=settings.uploads_dir,
@@ -181,6 +184,7 @@ class Daemon:
             self.staging,
             self.deliverer,
             allowlisted=self.allowlist.contains,
+            look_inside=self.inspector.check if self.inspector else lambda fd, verdict: verdict,
         )
         self.destinations = DestinationHealth()
         processed, quarantine = str(settings.processed_dir), str(settings.quarantine_dir)
@@ -190,6 +194,11 @@ class Daemon:
         }  # fmt: skip
         self.queue = WorkQueue(settings.queue_size)
         self.clamd = ClamdHealth(self.scanner, self.stop_event)
+        self.clamd_check = ClamdCheck(
+            self.scanner, self.pipeline.look_inside, settings.archive_max_depth,
+            settings.accept_encrypted, settings.canary_interval_s, self.stop_event,
+            on_unreachable=self.clamd.mark_down,
+        )  # fmt: skip
         self.intake = Intake(
             settings.uploads_dir,
             self.queue.offer,
@@ -213,7 +222,7 @@ class Daemon:
         self._closed = False
         self.job_status = JobStatus()  # written by the scheduled jobs, read by /metrics
         self.jobs = Jobs(
-            settings, self.scanner, self.definitions, self.pipeline.forget_clamd_version,
+            settings, self.scanner, self.definitions, self._definitions_reloaded,
             status=self.job_status, allowlisted=self.allowlist.contains,
         )  # fmt: skip
         self.add_listener(self.jobs.deliveries.record)
@@ -239,6 +248,7 @@ class Daemon:
                 "VIRUS_SCANNING_ENABLED=false: files are delivered WITHOUT scanning"
             )
         self._report_definitions()
+        self._check_clamd()
         for claim in self.staging.recover():
             self.queue.offer(claim, force=True)
         # `workers` scans in flight at most; twice as many threads, so that while some move
@@ -271,6 +281,7 @@ class Daemon:
         unfinished = sum(t.is_alive() for t in self._workers)
         self.deliverer.close()
         self.jobs.shutdown(max(1.0, deadline - time.monotonic()))
+        self.clamd_check.close()
         if not unfinished:  # a worker still running may yet record a delivery
             self.jobs.deliveries.close()
         self.ops.close()
@@ -314,6 +325,19 @@ class Daemon:
             )
             self.queue.offer(claim, force=True)
 
+    def _check_clamd(self) -> None:
+        """Canaries (watcher/canaries.py) for a real clamd; a test's scripted scanner is trusted."""
+        if self.settings.scanning_enabled and isinstance(self.scanner, ClamdScanner):
+            self.clamd_check.start()
+        else:
+            self.clamd_check.trusted.set()
+            self.clamd_check.problem = None
+
+    def _definitions_reloaded(self) -> None:
+        self.pipeline.forget_clamd_version()
+        if self.settings.scanning_enabled and isinstance(self.scanner, ClamdScanner):
+            self.clamd_check.check()  # a new engine: checked again
+
     def _report_definitions(self) -> None:
         """Official databases put a version and date in VERSION's reply; custom-only sets don't."""
         if not self.settings.scanning_enabled:
@@ -335,8 +359,8 @@ class Daemon:
         if isinstance(self.scanner, ClamdScanner):
             self.scanner.keep_session()
         while not self.stop_event.is_set():
-            if not self.clamd.up.wait(timeout=0.5):
-                continue  # clamd is down: leave files where they are
+            if not self.clamd.up.wait(timeout=0.5) or not self.clamd_check.trusted.wait(0.5):
+                continue  # clamd is down, or answered a canary wrongly: files wait
             item = self.queue.get(timeout_s=0.5)
             if item is None:
                 continue

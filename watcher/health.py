@@ -1,12 +1,13 @@
 """Liveness, readiness, and the heartbeat that `watcher healthcheck` reads.
 
 - liveness (/healthz): the daemon's loops (observer, settle, sweep, workers) are running.
-- readiness (/readyz): clamd answers PING, definitions are not stale, the uploads,
-  processed and quarantine directories are writable, and no destination refuses deliveries. A failed PING also tells the daemon
-  clamd is down, so workers pause and `clamd.down` is logged even while no file arrives.
+- readiness (/readyz): clamd answers PING and answered its canaries right (watcher/canaries.py),
+  definitions are not stale, the uploads, processed and quarantine directories are writable,
+  and no destination refuses deliveries. A failed PING also tells the daemon clamd is down, so
+  workers pause and `clamd.down` is logged even while no file arrives.
 - the heartbeat: ``<state_dir>/heartbeat.json``, rewritten every `heartbeat_interval_s`
   while the loops are alive, naming the clamd to PING and what else makes the daemon
-  unhealthy (a destination refusing deliveries); `watcher healthcheck`
+  unhealthy (a destination refusing deliveries, clamd failing its canaries); `watcher healthcheck`
   (watcher/healthcheck.py) reads it, so it needs neither HTTP nor the settings model.
 """
 
@@ -65,6 +66,7 @@ def readiness(daemon: Daemon) -> tuple[bool, dict[str, Any]]:
     checks: dict[str, str | None] = {
         "daemon": None if daemon.alive() else "a daemon loop has stopped (see /healthz)",
         "clamd": probe_clamd(daemon),
+        "clamd_canaries": daemon.clamd_check.problem,
         "definitions": "definitions are stale" if daemon.definitions.stale else None,
         "uploads_dir": writable(s.uploads_dir),
         "processed_dir": writable(s.processed_dir),

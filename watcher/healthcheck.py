@@ -2,7 +2,8 @@
 
 It reads ``<state_dir>/heartbeat.json``, which the daemon rewrites every few seconds while
 its loops are alive and which names the clamd the daemon uses, checks that the daemon's pid
-is alive and the heartbeat is fresh, then sends clamd a PING with a short timeout. It loads
+is alive and the heartbeat is fresh and names no problem (`problems`: a destination refusing
+deliveries, clamd failing its canaries), then sends clamd a PING with a short timeout. It loads
 no settings model: the state directory comes from WATCHER_STATE_DIR, else ``state_dir`` in
 the WATCHER_CONFIG file, else the default. Exit 0 healthy, 1 not, with one line saying why.
 """

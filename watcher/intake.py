@@ -31,6 +31,7 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from watcher.fsops import (
+    lstat_beneath,
     open_beneath,
     open_parent,
     open_root,
@@ -334,6 +335,9 @@ class Intake:
         try:
             parts = split_rel(rel_dir) if rel_dir else []
             if any(self._ignore.match(p) for p in parts):
+                return
+            if len(parts) >= self.max_depth:  # a sweep asked for at the limit: not read
+                yield Path(self.uploads_dir, rel_dir), lstat_beneath(uploads_fd, parts)
                 return
             dir_fd = open_beneath(uploads_fd, parts)
         except (OSError, ValueError):

@@ -36,7 +36,7 @@ from watcher.fsops import (
     take_read_lease,
 )
 from watcher.staging import Claim, Staging
-from watcher.verdict import Clean, Infected, NotScanned, Verdict
+from watcher.verdict import Cause, Clean, Infected, NotScanned, Verdict
 
 _MAX_RESCANS = 3
 
@@ -71,6 +71,7 @@ class Result:
     sha256: str | None = None
     signature: str | None = None
     reason: str | None = None
+    cause: Cause | None = None  # why unscannable, from a closed set (verdict.Cause)
     retry_cause: RetryCause | None = None
     retry_after_s: float = 0.0
     duration_ms: float = 0.0
@@ -125,9 +126,11 @@ class Pipeline:
         staging: Staging,
         deliverer: Deliverer,
         allowlisted: Callable[[str], bool] = lambda sha256: False,
+        look_inside: Callable[[int, Verdict], Verdict] = lambda fd, verdict: verdict,
     ) -> None:
         self.config = config
         self.allowlisted = allowlisted
+        self.look_inside = look_inside  # archives.Inspector.check: what clamd could not see
         self.scanner = scanner
         self.staging = staging
         self.deliverer = deliverer
@@ -221,7 +224,7 @@ class Pipeline:
         if st.st_size > self.config.max_file_bytes:
             # Decided before reading a byte: a sparse file of a terabyte costs nothing here.
             reason = f"larger than WATCHER_MAX_FILE_BYTES ({self.config.max_file_bytes})"
-            return self._unscannable(claim, upload.fd, st.st_size, None, reason)
+            return self._unscannable(claim, upload.fd, st.st_size, None, reason, "limits")
         if not self.config.scanning_enabled:
             sha = sha256_fd(upload.fd)
             dest = self.deliverer.to_processed(claim, upload.fd)
@@ -283,7 +286,7 @@ class Pipeline:
                 return self._retry(
                     claim, RetryCause.SCAN_FAILED, verdict.reason, self._backoff(claim.attempts)
                 )
-        return self._unscannable(claim, fd, size, sha, verdict.reason)
+        return self._unscannable(claim, fd, size, sha, verdict.reason, verdict.cause)
 
     def _scan_unchanged(
         self, claim: Claim, upload: _Open, st: os.stat_result
@@ -292,7 +295,7 @@ class Pipeline:
         sha = ""
         for _ in range(_MAX_RESCANS):
             with self.scan_slots:  # never more requests in flight than clamd has threads
-                verdict = self.scanner.scan_fd(upload.fd)
+                verdict = self.look_inside(upload.fd, self.scanner.scan_fd(upload.fd))
             sha = sha256_fd(upload.fd)
             after = os.fstat(upload.fd)
             if upload.leased and lease_broken(upload.fd):
@@ -356,17 +359,25 @@ class Pipeline:
         )
 
     def _unscannable(
-        self, claim: Claim, fd: int | None, size: int | None, sha: str | None, reason: str
+        self,
+        claim: Claim,
+        fd: int | None,
+        size: int | None,
+        sha: str | None,
+        reason: str,
+        cause: Cause,
     ) -> Result:
         """Quarantined (or held, per WATCHER_UNSCANNABLE_POLICY) with the reason.
 
         ``fd`` None: a file we cannot even read; it is moved as it is, or held where it
         cannot be moved to the quarantine without reading it (another filesystem).
         """
-        fields: dict[str, Any] = {"path": claim.rel, "size": size, "sha256": sha, "reason": reason}
+        fields: dict[str, Any] = {
+            "path": claim.rel, "size": size, "sha256": sha, "reason": reason, "cause": cause,
+        }  # fmt: skip
         held = self.config.unscannable_policy == "hold"
         if not held:
-            meta = self._metadata(claim, size, sha, "unscannable", reason=reason)
+            meta = self._metadata(claim, size, sha, "unscannable", reason=reason, cause=cause)
             try:
                 dest = self.deliverer.to_quarantine(claim, fd, meta)
             except OSError as err:  # unreadable, and the quarantine is on another filesystem
@@ -378,16 +389,22 @@ class Pipeline:
             logger.bind(event="file.unscannable", action="held", dest=str(dest), **fields).error(
                 "could not be scanned: held"
             )
-            return Result(Outcome.HELD, claim.rel, dest=dest, size=size, sha256=sha, reason=reason)
+            return Result(
+                Outcome.HELD, claim.rel, dest=dest, size=size, sha256=sha, reason=reason,
+                cause=cause,
+            )  # fmt: skip
         logger.bind(
             event="file.unscannable", action="quarantined", id=claim.id, dest=str(dest), **fields
         ).error("could not be scanned: quarantined")
         return Result(
-            Outcome.UNSCANNABLE, claim.rel, dest=dest, size=size, sha256=sha, reason=reason
-        )
+            Outcome.UNSCANNABLE, claim.rel, dest=dest, size=size, sha256=sha, reason=reason,
+            cause=cause,
+        )  # fmt: skip
 
     def _reject(self, rel: str, st: os.stat_result | None, reason: str) -> Result:
-        key = (rel, st.st_ino, st.st_mtime_ns) if st is not None else (rel, 0, 0)
+        # The same entry, unless replaced (a directory's mtime changes with what it holds).
+        changed = 0 if st is None or stat.S_ISDIR(st.st_mode) else st.st_mtime_ns
+        key = (rel, st.st_ino if st is not None else 0, changed)
         if not self._rejections.first(key, time.monotonic()):
             # Met again by a sweep (or one of a flood): neither logged nor counted again.
             return Result(Outcome.REJECTED, rel, reason=reason, fields={"repeat": True})
@@ -411,7 +428,7 @@ class Pipeline:
         with contextlib.suppress(OSError):
             size = self.staging.lstat_claim(claim).st_size
         try:
-            return self._unscannable(claim, None, size, None, reason)
+            return self._unscannable(claim, None, size, None, reason, "unreadable")
         except (StorageError, OSError) as move_err:
             logger.bind(event="file.error", path=claim.rel, reason=str(move_err)).error("failed")
             return self._retry(claim, RetryCause.ERROR, reason, self._backoff(claim.errors))
@@ -424,7 +441,7 @@ class Pipeline:
             claim.errors += 1
             if claim.errors >= self.config.max_scan_attempts:
                 try:
-                    return self._unscannable(claim, None, None, None, reason)
+                    return self._unscannable(claim, None, None, None, reason, "limits")
                 except (StorageError, OSError):
                     pass
         logger.bind(event="file.error", path=claim.rel, reason=reason).error("delivery failed")
@@ -461,6 +478,7 @@ class Pipeline:
             "verdict": verdict,
             "signature": None,
             "reason": None,
+            "cause": None,
             **extra,
             "detected_at": datetime.now(UTC).isoformat(),
             "claimed_at": datetime.fromtimestamp(claim.claimed_at, UTC).isoformat(),

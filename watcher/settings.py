@@ -111,6 +111,17 @@ class Settings(BaseSettings):
     # rejected once; nothing deeper is watched or swept.
     max_depth: int = Field(64, ge=1, le=1000)
 
+    # Archives clamd cannot read (watcher/archives.py). Limits match clamd's defaults
+    # (MaxFileSize, MaxScanSize, MaxFiles, MaxRecursion): keep them equal to your clamd.conf.
+    archive_inspection: bool = True  # False reopens clamd's blind spots: for measuring only
+    accept_encrypted: bool = False  # True: encrypted ZIP/7z members are delivered unread
+    archive_max_member_bytes: Bytes = 100 * 1024 * 1024
+    archive_max_scan_bytes: Bytes = 400 * 1024 * 1024
+    archive_max_files: int = Field(10_000, ge=1, le=1_000_000)
+    archive_max_depth: int = Field(17, ge=2, le=64)
+    archive_max_ratio: int = Field(250, ge=10, le=100_000)
+    canary_interval_s: Seconds = 300.0  # clamd's canaries again, besides at start and reloads
+
     # Operations surface: HTTP (health, readiness, metrics, verdicts), heartbeat, probes.
     http_addr: str = "127.0.0.1:9090"  # "host:port", "[::1]:port"; "" or "off" disables HTTP
     http_max_wait_s: Seconds = Field(60.0, le=HOUR)  # bound of GET /v1/files/<path>?wait=S

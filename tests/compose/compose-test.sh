@@ -15,7 +15,7 @@
 # For each stack: `up -d --wait` (every service healthy); a clean file and EICAR uploaded through
 # the app's published port, with the answers checked; the clean file downloaded byte for byte;
 # EICAR in `watcher quarantine list` inside the scanner; archives clamd cannot look into are not
-# delivered; the hardening (clamd unreachable from the app, users, capabilities, read-only roots);
+# delivered, and clamd itself reports them (its clamd.conf is in effect); the hardening (clamd unreachable from the app, users, capabilities, read-only roots);
 # the scanner stopped (exit 0), an upload made while it is down, the scanner started: that upload
 # delivered and nothing earlier lost; `down -v`. Containers, volumes and networks are removed and
 # the podman service stopped however the test ends.
@@ -235,10 +235,42 @@ check_uploads() { # stack
     ok "$1: a zip nest deeper than MaxRecursion is not delivered (422, $(json 'b["verdict"]["state"]'))"
 }
 
-check_encrypted() { # stack
+# clamd_says TARGET FILE: clamd's own answer for FILE (INSTREAM), asked from inside the scanner as
+# the watcher user; TARGET is the unix socket's path or host:port. The watcher looks into ZIPs
+# itself, so this is what shows the clamd.conf in effect (AlertEncrypted, AlertExceedsMax).
+clamd_says() {
+    dc exec -T -u watcher scanner python3 -c '
+import socket, sys
+target = sys.argv[1]
+if target.startswith("/"):
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(30)
+    s.connect(target)
+else:
+    host, port = target.rsplit(":", 1)
+    s = socket.create_connection((host, int(port)), timeout=30)
+data = sys.stdin.buffer.read()
+s.sendall(b"zINSTREAM\0" + len(data).to_bytes(4, "big") + data + bytes(4))
+reply = b""
+while not reply.endswith(b"\0"):
+    chunk = s.recv(4096)
+    if not chunk:
+        break
+    reply += chunk
+print(reply.rstrip(b"\0").decode())
+' "$1" <"$2"
+}
+
+check_encrypted() { # stack clamd-target
     upload "$work/encrypted.zip" encrypted.zip
-    [[ "$status" == 422 ]] || fail "encrypted zip: HTTP $status, expected 422 (AlertEncrypted): $body"
+    [[ "$status" == 422 ]] || fail "encrypted zip: HTTP $status, expected 422: $body"
     ok "$1: an encrypted zip is not delivered (422, $(json 'b["verdict"]["state"]'))"
+    local said
+    said=$(clamd_says "$2" "$work/encrypted.zip") || fail "INSTREAM to clamd at $2: $said"
+    [[ "$said" == *"Heuristics.Encrypted"*FOUND ]] || fail "clamd at $2 says '$said' for an encrypted zip: AlertEncrypted is not on"
+    said=$(clamd_says "$2" "$work/nest.zip") || fail "INSTREAM to clamd at $2: $said"
+    [[ "$said" == *"Heuristics.Limits.Exceeded"*FOUND ]] || fail "clamd at $2 says '$said' for a 20-level zip nest: AlertExceedsMax is not on"
+    ok "$1: clamd itself (at $2) reports the encrypted zip and the zip nest (AlertEncrypted, AlertExceedsMax)"
 }
 
 # From the app container: the watcher's API answers, clamd does not, anywhere.
@@ -375,7 +407,7 @@ run_stack() { # stack compose-files...
 
     check_uploads "$stack"
     if [[ "$stack" == external ]]; then
-        check_encrypted "$stack"
+        check_encrypted "$stack" clamav:3310
         check_app_isolation "$stack" scanner clamav
         local pong
         pong=$(dc exec -T scanner bash -c 'exec 3<>/dev/tcp/clamav/3310; printf "zPING\0" >&3; head -c 4 <&3') ||
@@ -384,6 +416,7 @@ run_stack() { # stack compose-files...
         ok "$stack: the scanner reaches the external clamd (PONG)"
         check_processes "$stack" no
     else
+        check_encrypted "$stack" /run/clamav/clamd.sock
         check_app_isolation "$stack" scanner
         check_processes "$stack" yes
     fi

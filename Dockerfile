@@ -44,21 +44,26 @@ ARG WATCHER_UID=1000
 ARG WATCHER_GID=1000
 
 # clamav-daemon (clamd) and clamav-freshclam, python3 for the venv, tini as PID 1.
-# Debian's clamav packages create a `clamav` user and a freshclam service we never start; their
+# Debian's clamav packages create the `clamav` user and a freshclam service we never start; their
 # default configs are replaced below. Versions unpinned: see the build stage.
+# Two users: clamd runs as `clamav` and owns nothing it could change (the definitions, the state and
+# the data belong to `watcher`; with FILDES clamd needs no file access at all). `watcher` is in the
+# `clamav` group only to reach clamd's socket (mode 0660). /run/clamav is 1777 like /tmp: whichever
+# user clamd runs as creates its socket there (a tmpfs under the compose file's read-only root).
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends \
         ca-certificates clamav-daemon clamav-freshclam python3 tini \
     && rm -rf /var/lib/apt/lists/* /var/log/apt /var/log/dpkg.log /var/cache/debconf/*-old \
     && groupadd --gid "${WATCHER_GID}" watcher \
-    && useradd --uid "${WATCHER_UID}" --gid watcher --home-dir /var/lib/watcher --no-create-home \
-        --shell /usr/sbin/nologin watcher \
-    && rm -rf /var/lib/clamav/* /var/log/clamav \
+    && useradd --uid "${WATCHER_UID}" --gid watcher --groups clamav --home-dir /var/lib/watcher \
+        --no-create-home --shell /usr/sbin/nologin watcher \
+    && rm -rf /var/lib/clamav/* /var/log/clamav /run/clamav \
     && mkdir -p /data/uploads /data/processed /data/quarantine /var/lib/watcher /var/lib/clamav \
-        /run/clamav /var/log/watcher /usr/local/lib/watcher-image \
+        /var/log/watcher /usr/local/lib/watcher-image \
+    && install -d -m 1777 /run/clamav \
     && chown watcher:watcher /data/uploads /data/processed /data/quarantine /var/lib/watcher \
-        /var/lib/clamav /run/clamav /var/log/watcher \
+        /var/lib/clamav /var/log/watcher \
     && chmod 0700 /data/quarantine
 
 COPY --from=build /opt/watcher /opt/watcher
@@ -80,11 +85,15 @@ ENV PATH=/opt/watcher/bin:$PATH \
     CLAMAV_PORT=3310 \
     VIRUS_SCANNING_ENABLED=true
 
-# 3310: clamd TCP for the app container; 9090: the watcher's HTTP endpoint. Neither is published
-# by the compose file: they are reachable on the compose network only.
-EXPOSE 3310 9090
+# 9090: the watcher's HTTP endpoint, reachable on the compose network only (not published). clamd
+# listens on its unix socket only: it has no authentication, so nothing outside the container may
+# reach it (an external clamd is another service: docker-compose.external-clamd.yml).
+EXPOSE 9090
 
-# Numeric, so orchestrators can verify it is not root (Kubernetes runAsNonRoot).
+# Numeric, so orchestrators can verify it is not root (Kubernetes runAsNonRoot). Started this way,
+# clamd runs as `watcher` too (logged as clamd.same_user). docker-compose.yml starts the container as
+# root with only SETUID, SETGID and KILL, so that the entrypoint can run clamd as `clamav` and the
+# watcher as `watcher`; neither keeps any capability.
 USER ${WATCHER_UID}:${WATCHER_GID}
 WORKDIR /var/lib/watcher
 

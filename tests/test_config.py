@@ -44,6 +44,12 @@ def test_seed_names_without_prefix_are_read(monkeypatch: pytest.MonkeyPatch) -> 
     assert s.clamav_socket == Path("/run/clamd.sock")
 
 
+def test_empty_clamav_socket_means_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CLAMAV_SOCKET="" (the external-clamd compose override) means TCP, not a socket named "."."""
+    monkeypatch.setenv("CLAMAV_SOCKET", "")
+    assert load_settings().clamav_socket is None
+
+
 def test_toml_file_is_read_and_environment_wins(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

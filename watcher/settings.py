@@ -129,6 +129,13 @@ class Settings(BaseSettings):
     heartbeat_interval_s: Seconds = 5.0  # the daemon touches <state_dir>/heartbeat.json
     probe_timeout_s: Seconds = 0.5  # clamd PING by /readyz, /metrics and `watcher healthcheck`
 
+    @field_validator("clamav_socket", mode="before")
+    @classmethod
+    def _empty_socket_is_none(cls, value: Any) -> Any:
+        # CLAMAV_SOCKET="" switches the socket off (TCP instead): an env var cannot be unset by
+        # a compose override, only emptied (docker-compose.external-clamd.yml does).
+        return None if value == "" else value
+
     @field_validator("http_addr")
     @classmethod
     def _check_http_addr(cls, value: str) -> str:

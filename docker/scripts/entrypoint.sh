@@ -7,9 +7,13 @@
 #   scan|healthcheck|update-definitions|--version|...   `watcher ARGS` as the watcher user
 #   anything else            executed as given (e.g. `bash`)
 #
-# Started as root (e.g. `user: "0"` for bind mounts owned by someone else), it fixes the ownership
-# of the data directories and then drops to the `watcher` user; started as `watcher` (the image's
-# default USER), it checks that the directories are writable and says which one is not.
+# Started as root (docker-compose.yml does, with only SETUID, SETGID and KILL), it runs clamd as
+# `clamav` and everything else as `watcher`, and stays root only to supervise them. clamd then owns
+# nothing it could change (definitions, state, allowlist, data), and neither child keeps any
+# capability. Given CAP_CHOWN (e.g. for bind mounts owned by someone else) it also hands the data
+# directories to `watcher`. Started as `watcher` (the image's default USER) it cannot switch users:
+# clamd runs as `watcher` too, logged as clamd.same_user. Either way the directories are checked as
+# `watcher`, and the first that is not writable is named.
 #
 # Container-only knobs (no WATCHER_ prefix: those belong to the daemon's settings):
 #   START_CLAMD=auto|true|false   auto: start the local clamd unless scanning is disabled or
@@ -29,6 +33,7 @@ set -euo pipefail
 . /usr/local/lib/watcher-image/lib.sh
 
 readonly RUN_AS=watcher
+readonly CLAMD_USER=clamav
 readonly CLAMD_CONF=/etc/clamav/clamd.conf
 readonly FRESHCLAM_CONF=${FRESHCLAM_CONFIG:-/etc/clamav/freshclam.conf}
 readonly CLAMAV_DB=/var/lib/clamav
@@ -39,21 +44,44 @@ processed=${WATCHER_PROCESSED_DIR:-/data/processed}
 quarantine=${WATCHER_QUARANTINE_DIR:-/data/quarantine}
 state=${WATCHER_STATE_DIR:-/var/lib/watcher}
 
-drop_privileges() {
-    exec setpriv --reuid="$RUN_AS" --regid="$RUN_AS" --init-groups --inh-caps=-all \
-        env HOME="$(getent passwd "$RUN_AS" | cut -d: -f6)" "$@"
+is_root() { [[ $(id -u) == 0 ]]; }
+
+# Sets the array `prefix` to what runs a command as user $1: its uid, gid and /etc/group groups,
+# and no capabilities (the uid change clears them; no-new-privileges keeps them cleared). Empty
+# when not root: everything then runs as the current user.
+set_prefix() {
+    prefix=()
+    if is_root; then
+        prefix=(setpriv --reuid="$1" --regid="$1" --init-groups --inh-caps=-all
+            env HOME="$(getent passwd "$1" | cut -d: -f6)")
+    fi
 }
 
-# As root: create the directories and give them to the watcher user (only what is not already
-# its own, so a large uploads volume costs one pass of stat calls, not a rewrite).
+drop_privileges() {
+    set_prefix "$RUN_AS"
+    exec "${prefix[@]}" "$@"
+}
+
+# Whether this process may chown (CAP_CHOWN, bit 0 of the effective set).
+can_chown() {
+    local eff
+    eff=$(awk '/^CapEff:/ {print $2}' /proc/self/status)
+    (((16#$eff & 1) != 0))
+}
+
+# As root with CAP_CHOWN: create the directories and give them to the watcher user (only what is
+# not already its own, so a large uploads volume costs one pass of stat calls, not a rewrite).
+# Without it (the compose file grants none) nothing is tried: named volumes start out with the
+# image's ownership, and the check as `watcher` that follows names any directory not writable.
 fix_ownership() {
     local dir
-    for dir in "$uploads" "$processed" "$quarantine" "$state" "$CLAMAV_DB" "$CLAMD_RUN" "$LOG_DIR"; do
-        mkdir -p -- "$dir"
+    can_chown || return 0
+    for dir in "$uploads" "$processed" "$quarantine" "$state" "$CLAMAV_DB" "$LOG_DIR"; do
+        mkdir -p -- "$dir" 2>/dev/null || true
         find "$dir" -xdev \( ! -user "$RUN_AS" -o ! -group "$RUN_AS" \) \
             -exec chown -h "$RUN_AS:$RUN_AS" {} + 2>/dev/null || true
     done
-    chmod 0700 "$quarantine"
+    chmod 0700 "$quarantine" 2>/dev/null || true
     log INFO container.ownership "data directories owned by $RUN_AS"
 }
 
@@ -124,13 +152,38 @@ prepare_definitions() {
     done
 }
 
+# As root: clamd's socket directory, 1777 like /tmp, so that clamd can create its socket there
+# as whichever user it runs as. Under the compose file's read-only root it is a fresh tmpfs, which
+# engines make root-owned (podman 0755, whatever the tmpfs mode option says); root owns it, so
+# the chmod needs no capability.
+prepare_socket_dir() {
+    mkdir -p -- "$CLAMD_RUN" 2>/dev/null || true
+    chmod 1777 "$CLAMD_RUN" 2>/dev/null || true
+}
+
+# As `watcher`: the checks, then the definitions clamd will load (the watcher user owns them).
+prepare() {
+    check_directories
+    if local_clamd_wanted; then
+        prepare_definitions
+    fi
+}
+
+# clamd as $CLAMD_USER when root, else as the current user; ready once `watcher` gets a PONG on
+# the socket (root holds no DAC capability, so it could not connect itself).
 start_clamd() {
-    local waited=0 timeout=${CLAMD_START_TIMEOUT:-300}
-    rm -f "$CLAMD_RUN/clamd.sock"
-    log INFO clamd.starting "starting clamd"
-    clamd --config-file="$CLAMD_CONF" &
+    local waited=0 timeout=${CLAMD_START_TIMEOUT:-300} as_clamd
+    set_prefix "$CLAMD_USER"
+    as_clamd=("${prefix[@]}")
+    if ! is_root; then
+        log WARNING clamd.same_user \
+            "started as uid $(id -u), not root: clamd runs as this user too, so a compromised clamd could change the definitions and the watcher's state. Start the container as root (docker-compose.yml does): clamd then runs as $CLAMD_USER"
+    fi
+    "${as_clamd[@]}" rm -f "$CLAMD_RUN/clamd.sock" 2>/dev/null || true
+    log INFO clamd.starting "starting clamd as $CLAMD_USER"
+    "${as_clamd[@]}" clamd --config-file="$CLAMD_CONF" &
     clamd_pid=$!
-    until CLAMAV_SOCKET=$CLAMD_RUN/clamd.sock clamd_ping; do
+    until clamd_ping "${as_watcher[@]}"; do
         if ! kill -0 "$clamd_pid" 2>/dev/null; then
             wait "$clamd_pid" && rc=0 || rc=$?
             log CRITICAL clamd.exited "clamd exited during start-up (exit $rc)"
@@ -144,13 +197,17 @@ start_clamd() {
         sleep 1
         waited=$((waited + 1))
     done
-    log INFO clamd.ready "clamd answers PING after ${waited}s (unix socket and TCP 3310)"
+    log INFO clamd.ready "clamd answers PING on its unix socket after ${waited}s"
 }
 
 stop_child() { # pid name grace
     local pid=$1 name=$2 grace=$3 n=0
     [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null || return 0
-    kill -TERM "$pid" 2>/dev/null || true
+    if ! kill -TERM "$pid" 2>/dev/null; then
+        # Another user's process and no CAP_KILL: it stops with the container instead.
+        log WARNING container.cannot_signal "cannot signal $name (no CAP_KILL): it stops with the container"
+        return 0
+    fi
     while kill -0 "$pid" 2>/dev/null; do
         if ((n >= grace * 10)); then
             log WARNING container.kill "$name did not stop within ${grace}s: SIGKILL"
@@ -174,25 +231,30 @@ shutdown() {
 }
 
 main_run() {
-    if [[ $(id -u) == 0 ]]; then
-        fix_ownership
-        drop_privileges "$0" run
+    set_prefix "$RUN_AS"
+    as_watcher=("${prefix[@]}")
+    if local_clamd_wanted; then
+        export CLAMAV_SOCKET=${CLAMAV_SOCKET:-$CLAMD_RUN/clamd.sock}
     fi
-    check_directories
+    if is_root; then
+        fix_ownership
+        prepare_socket_dir
+        "${as_watcher[@]}" "$0" _prepare || exit $?
+    else
+        prepare
+    fi
     log INFO container.starting "watcher image starting as uid $(id -u)"
 
     clamd_pid=""
     watcher_pid=""
     trap 'log INFO container.signal "stop requested"; shutdown 0' TERM INT QUIT HUP
     if local_clamd_wanted; then
-        export CLAMAV_SOCKET=${CLAMAV_SOCKET:-$CLAMD_RUN/clamd.sock}
-        prepare_definitions
         start_clamd
     else
         log INFO clamd.external "not starting a local clamd (scanning disabled or clamd at ${CLAMAV_HOST:-?}:${CLAMAV_PORT:-3310})"
     fi
 
-    watcher run &
+    "${as_watcher[@]}" watcher run &
     watcher_pid=$!
 
     local rc=0 pids=("$watcher_pid")
@@ -214,11 +276,14 @@ case "${1:-run}" in
         shift || true
         main_run "$@"
         ;;
+    _prepare) # internal: run by `run` as the watcher user
+        prepare
+        ;;
     scan | healthcheck | update-definitions | --version | --help | -h)
-        if [[ $(id -u) == 0 ]]; then
-            drop_privileges watcher "$@"
+        if local_clamd_wanted; then
+            export CLAMAV_SOCKET=${CLAMAV_SOCKET:-$CLAMD_RUN/clamd.sock}
         fi
-        exec watcher "$@"
+        drop_privileges watcher "$@"
         ;;
     *)
         exec "$@"

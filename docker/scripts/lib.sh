@@ -34,8 +34,10 @@ local_clamd_wanted() {
 }
 
 # Send PING to clamd (unix socket if CLAMAV_SOCKET is set, else CLAMAV_HOST:CLAMAV_PORT); true on PONG.
+# Arguments, if any, are a command prefix that runs the probe as another user (e.g. setpriv ...):
+# only `watcher` and `clamav` may connect to the bundled clamd's socket, not a capability-less root.
 clamd_ping() {
-    python3 - <<'PY'
+    "$@" python3 - <<'PY'
 import os, socket, sys
 path = os.environ.get("CLAMAV_SOCKET")
 try:

@@ -3,18 +3,19 @@
 //   POST /upload?name=report.pdf   (raw body)   -> stores the upload, answers with the verdict
 //   GET  /files/<id>/verdict                    -> the verdict (pending, clean, infected, ...)
 //   GET  /files/<id>                            -> the bytes, only once delivered to processed
-//   GET  /healthz                               -> 200, with clamd's state (PING over TCP 3310)
+//   GET  /healthz                               -> 200, with the scanner's readiness (its /readyz)
 //
 // The app writes into the shared `uploads` volume under a temporary name the watcher ignores
 // (".<name>.part"), then renames it: the watcher only ever sees complete files. It serves files
-// only from the `processed` volume (mounted read-only), which holds nothing but clean files.
+// only from the `processed` volume (mounted read-only), which holds nothing but clean files. It
+// never talks to clamd (which has no authentication and is not reachable from here): only to the
+// watcher's HTTP API.
 'use strict';
 
 const crypto = require('node:crypto');
 const fs = require('node:fs');
 const fsp = require('node:fs/promises');
 const http = require('node:http');
-const net = require('node:net');
 const path = require('node:path');
 const { pipeline } = require('node:stream/promises');
 const { Transform } = require('node:stream');
@@ -23,8 +24,6 @@ const PORT = Number(process.env.PORT || 3000);
 const UPLOADS_DIR = process.env.UPLOADS_DIR || '/data/uploads';
 const PROCESSED_DIR = process.env.PROCESSED_DIR || '/data/processed';
 const WATCHER_URL = (process.env.WATCHER_URL || 'http://scanner:9090').replace(/\/$/, '');
-const CLAMAV_HOST = process.env.CLAMAV_HOST || 'scanner';
-const CLAMAV_PORT = Number(process.env.CLAMAV_PORT || 3310);
 const VERDICT_WAIT_S = Number(process.env.VERDICT_WAIT_S || 30);
 // Keep in step with clamd's MaxFileSize/StreamMaxLength (docker/clamav/clamd.conf).
 const MAX_UPLOAD_BYTES = Number(process.env.MAX_UPLOAD_BYTES || 100 * 1024 * 1024);
@@ -113,16 +112,17 @@ async function handleDownload(res, id) {
   await pipeline(fs.createReadStream(file), res);
 }
 
-function clamdPing() {
-  return new Promise((resolve) => {
-    const sock = net.connect({ host: CLAMAV_HOST, port: CLAMAV_PORT, timeout: 3000 });
-    let reply = '';
-    sock.on('connect', () => sock.write('zPING\0'));
-    sock.on('data', (d) => { reply += d; });
-    sock.on('end', () => resolve(reply.replace(/\0$/, '') === 'PONG'));
-    sock.on('timeout', () => { sock.destroy(); resolve(false); });
-    sock.on('error', () => resolve(false));
-  });
+// The scanner's readiness (GET /readyz: clamd answers, definitions fresh, directories writable):
+// 'ready', 'not_ready' (with the failing checks) or 'unreachable'.
+async function scannerReadiness() {
+  try {
+    const res = await fetch(`${WATCHER_URL}/readyz`, { signal: AbortSignal.timeout(3000) });
+    const body = await res.json().catch(() => ({}));
+    if (res.ok) return { scanner: 'ready' };
+    return { scanner: 'not_ready', failing: Array.isArray(body.failing) ? body.failing : [] };
+  } catch {
+    return { scanner: 'unreachable' };
+  }
 }
 
 const PAGE = `<!doctype html><meta charset="utf-8"><title>Upload</title>
@@ -141,8 +141,9 @@ const server = http.createServer(async (req, res) => {
   try {
     if (req.method === 'GET' && url.pathname === '/') return send(res, 200, PAGE);
     if (req.method === 'GET' && url.pathname === '/healthz') {
-      // Liveness of the app itself; clamd's state (over TCP 3310) is reported, not required.
-      return send(res, 200, { status: 'ok', clamd: (await clamdPing()) ? 'up' : 'down' });
+      // Liveness of the app itself: the scanner's readiness is reported, not required (uploads
+      // wait in the volume while the scanner is down).
+      return send(res, 200, { status: 'ok', ...(await scannerReadiness()) });
     }
     if ((req.method === 'POST' || req.method === 'PUT') && url.pathname === '/upload') {
       return await handleUpload(req, res, url);

@@ -5,8 +5,10 @@
 #   - an EICAR file, a zip holding EICAR and two clean files dropped into uploads the way an app
 #     does it (as uid 1000, one written in place, others written to an ignored temp name and renamed);
 #   - checks: EICAR and the zip end in quarantine and nowhere else, the clean files in processed
-#     byte for byte, `watcher healthcheck` passes, clamd answers over TCP, clamd and the watcher run
-#     as `watcher`, no compiler in the image, and SIGTERM stops everything with exit 0.
+#     byte for byte, `watcher healthcheck` passes, clamd answers on its unix socket only (no TCP),
+#     clamd runs as `clamav` and cannot write what the watcher trusts, the watcher as `watcher`, no
+#     compiler in the image, and SIGTERM stops everything with exit 0; started as uid 1000, clamd
+#     runs as uid 1000 and says so (clamd.same_user).
 set -uo pipefail
 
 export FRESHCLAM_RETRIES=${FRESHCLAM_RETRIES:-2} FRESHCLAM_RETRY_DELAY=1 FRESHCLAM_TIMEOUT=60
@@ -15,8 +17,11 @@ export FRESHCLAM_RETRIES=${FRESHCLAM_RETRIES:-2} FRESHCLAM_RETRY_DELAY=1 FRESHCL
 export FRESHCLAM_CONFIG=/tmp/smoke/freshclam.conf
 READY_TIMEOUT=${READY_TIMEOUT:-180}
 OUTCOME_TIMEOUT=${OUTCOME_TIMEOUT:-90}
-# shellcheck disable=SC2016 # literal dollar signs: the EICAR test string
-EICAR='X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*'
+# The EICAR test string, assembled here so that no file in the repository is itself EICAR.
+# shellcheck disable=SC2016 # literal dollar signs
+EICAR='X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR'
+# shellcheck disable=SC2016
+EICAR+='-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*'
 work=/tmp/smoke
 log=$work/container.log
 uploads=${WATCHER_UPLOADS_DIR:-/data/uploads}
@@ -109,22 +114,37 @@ ls /var/lib/clamav/watcher-test.* >/dev/null 2>&1 || fail "test signatures not i
 procs=$(descendants "$pid")
 clamd_uid=$(awk '$3 ~ /(^|\/)clamd$/ {print $2}' <<<"$procs" | head -1)
 watcher_uid=$(awk '$0 ~ / run$/ && $0 ~ /watcher/ && $0 !~ /docker-entrypoint/ {print $2}' <<<"$procs" | head -1)
-[[ "$clamd_uid" == 1000 ]] || fail "clamd uid is '${clamd_uid}', expected 1000 (watcher). Processes: $procs"
+clamav_uid=$(id -u clamav)
+[[ "$clamd_uid" == "$clamav_uid" ]] ||
+    fail "clamd uid is '${clamd_uid}', expected $clamav_uid (clamav). Processes: $procs"
 [[ "$watcher_uid" == 1000 ]] || fail "watcher uid is '${watcher_uid}', expected 1000. Processes: $procs"
-ok "clamd and 'watcher run' run as uid 1000 (watcher), started as root"
+ok "started as root: clamd runs as clamav (uid $clamav_uid), 'watcher run' as uid 1000 (watcher)"
 [[ $(stat -c %U "$quarantine") == watcher && $(stat -c %a "$quarantine") == 700 ]] ||
     fail "quarantine is not watcher-owned 0700"
 ok "quarantine directory watcher-owned, mode 0700"
+as_clamav() { setpriv --reuid=clamav --regid=clamav --init-groups "$@"; }
+for dir in /var/lib/watcher /var/lib/clamav "$quarantine" "$uploads" "$processed"; do
+    as_clamav touch "$dir/.clamd-probe" 2>/dev/null && fail "the clamav user can write $dir"
+done
+as_clamav ls "$quarantine" >/dev/null 2>&1 && fail "the clamav user can list the quarantine"
+ok "the clamav user can write neither the state, the definitions nor the data, nor list the quarantine"
 
-CLAMAV_SOCKET='' CLAMAV_HOST=127.0.0.1 CLAMAV_PORT=3310 bash -c '. /usr/local/lib/watcher-image/lib.sh; clamd_ping' ||
-    fail "clamd does not answer PING on TCP 3310"
-ok "clamd answers PING on TCP 3310 (for the app container)"
+CLAMAV_SOCKET='' CLAMAV_HOST=127.0.0.1 CLAMAV_PORT=3310 bash -c '. /usr/local/lib/watcher-image/lib.sh; clamd_ping' &&
+    fail "clamd answers PING on TCP 3310: it must listen on its unix socket only"
+[[ $(stat -c '%U:%G %a' /run/clamav/clamd.sock) == "clamav:clamav 660" ]] ||
+    fail "clamd's socket is $(stat -c '%U:%G %a' /run/clamav/clamd.sock), expected clamav:clamav 660"
+ok "clamd listens on its unix socket only (clamav:clamav 0660), not on TCP 3310"
+socket_ping() { CLAMAV_SOCKET=/run/clamav/clamd.sock "$@" bash -c '. /usr/local/lib/watcher-image/lib.sh; clamd_ping'; }
+socket_ping setpriv --reuid=1000 --regid=1000 --init-groups || fail "the watcher user cannot PING clamd's socket"
+socket_ping setpriv --reuid=1000 --regid=1000 --clear-groups &&
+    fail "a uid-1000 process outside the clamav group reaches clamd's socket"
+ok "clamd's socket answers the watcher user (clamav group) and refuses uid 1000 without that group"
 
 hc=$(/usr/local/bin/watcher-healthcheck 2>&1) || fail "healthcheck failed: $hc"
 ok "watcher-healthcheck exits 0 ($hc)"
-hc=$(setpriv --reuid=1000 --regid=1000 --clear-groups /usr/local/bin/watcher-healthcheck 2>&1) ||
-    fail "healthcheck as uid 1000 failed: $hc"
-ok "watcher-healthcheck as uid 1000 (how docker runs it) exits 0"
+hc=$(setpriv --reuid=1000 --regid=1000 --init-groups /usr/local/bin/watcher-healthcheck 2>&1) ||
+    fail "healthcheck as the watcher user failed: $hc"
+ok "watcher-healthcheck as the watcher user (docker compose exec -u watcher) exits 0"
 
 # --- drop files the way an app does ---------------------------------------------------------------
 printf '%s' "$EICAR" >"$work/eicar.com"
@@ -239,8 +259,8 @@ mirror_pid=$!
 chmod 0644 "$work/freshclam-local.conf"
 sleep 0.5
 rc=0
-upd=$(setpriv --reuid=1000 --regid=1000 --clear-groups env HOME=/var/lib/watcher \
-    WATCHER_UPDATE_COMMAND="freshclam --config-file=$work/freshclam-local.conf --no-dns" \
+upd=$(setpriv --reuid=1000 --regid=1000 --init-groups env HOME=/var/lib/watcher \
+    CLAMAV_SOCKET=/run/clamav/clamd.sock WATCHER_UPDATE_COMMAND="freshclam --config-file=$work/freshclam-local.conf --no-dns" \
     watcher update-definitions 2>&1) || rc=$?
 kill "$mirror_pid" 2>/dev/null
 ((rc == 0)) || fail "watcher update-definitions: exit $rc: $(tail -n 15 <<<"$upd")"
@@ -286,6 +306,10 @@ pid=$!
 wait_for_log '"event": *"watcher.ready"' "$READY_TIMEOUT"
 grep -q '"event": *"container.ownership"' "$log" && fail "non-root start tried to fix ownership"
 ok "restart as uid 1000 (the image's USER) on the same volumes: ready"
+clamd_uid=$(descendants "$pid" | awk '$3 ~ /(^|\/)clamd$/ {print $2}' | head -1)
+[[ "$clamd_uid" == 1000 ]] || fail "non-root start: clamd uid is '$clamd_uid', expected 1000"
+grep -q '"level": *"WARNING", *"event": *"clamd.same_user"' "$log" || fail "no clamd.same_user warning"
+ok "started as uid 1000, clamd runs as uid 1000 too and clamd.same_user says so"
 as_app cp "$work/eicar.com" "$uploads/.again.com.part" && as_app mv "$uploads/.again.com.part" "$uploads/again.com"
 waited=0
 until [[ $(contains_eicar "$quarantine" | wc -l) -ge 2 ]]; do

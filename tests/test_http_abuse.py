@@ -5,13 +5,18 @@ must run out, a `python -m watcher run` subprocess with a low RLIMIT_NOFILE.
 
 from __future__ import annotations
 
+import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from http_support import (
+    ROOT,
     Slowloris,
     address,
     connect,
@@ -164,40 +169,42 @@ def test_errors_and_vanishing_clients_leave_only_json_lines(
 ) -> None:
     """Issue 11.6: every error is a 4xx/5xx with one JSON log line; nothing else is printed."""
     daemon = DaemonProcess(subprocess_env).start()
-    addr = daemon.http_address
-    bad = {
-        "/v1/files/" + "a" * 300: 400,  # longer than a file name can be: it was 500
-        "/v1/files/" + "a/" * 2100: 400,  # longer than a path can be
-        "/v1/files/%ff%fe.txt?wait=x": 400,
-    }
-    for path, status in bad.items():
-        response = get(addr, path)
-        assert response.status == status, path
-        assert response.json()["error"]
-    garbage = [
-        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 64, 400),  # TLS hello
-        (b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n", 400),
-        (b"POST /v1/files/a HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc", 405),
-        (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 70_000 + b"\r\n\r\n", 431),
-    ]
-    for data, status in garbage:
-        response = raw_request(addr, data)
-        assert response.status == status, data[:40]
-        assert response.json()["error"]
+    try:
+        addr = daemon.http_address
+        bad = {
+            "/v1/files/" + "a" * 300: 400,  # longer than a file name can be: it was 500
+            "/v1/files/" + "a/" * 2100: 400,  # longer than a path can be
+            "/v1/files/%ff%fe.txt?wait=x": 400,
+        }
+        for path, status in bad.items():
+            response = get(addr, path)
+            assert response.status == status, path
+            assert response.json()["error"]
+        garbage = [
+            (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 64, 400),  # TLS hello
+            (b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n", 400),
+            (b"POST /v1/files/a HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc", 405),
+            (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 70_000 + b"\r\n\r\n", 431),
+        ]
+        for data, status in garbage:
+            response = raw_request(addr, data)
+            assert response.status == status, data[:40]
+            assert response.json()["error"]
 
-    # Clients that leave mid-answer: a held wait whose verdict comes after the client reset,
-    # and scrapes reset right after asking.
-    sock = connect(addr)
-    sock.sendall(wait_request("late.txt"))
-    (dirs["uploads"] / "late.txt").write_bytes(b"late")
-    reset(sock)
-    for _ in range(20):
+        # Clients that leave mid-answer: a held wait whose verdict comes after the client reset,
+        # and scrapes reset right after asking.
         sock = connect(addr)
-        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.sendall(wait_request("late.txt"))
+        (dirs["uploads"] / "late.txt").write_bytes(b"late")
         reset(sock)
-    daemon.events.wait_for("file.clean", path="late.txt")
-    assert get(addr, "/healthz").status == 200
-    assert daemon.terminate() == 0
+        for _ in range(20):
+            sock = connect(addr)
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            reset(sock)
+        daemon.events.wait_for("file.clean", path="late.txt")
+        assert get(addr, "/healthz").status == 200
+    finally:
+        assert daemon.terminate() == 0
 
     assert daemon.raw_lines() == []
     errors = daemon.events.named("http.client_error")
@@ -223,3 +230,69 @@ def test_the_listening_socket_survives_a_client_that_never_reads(start_daemon: S
         )  # fmt: skip
     finally:
         stuck.close()
+
+
+# The server alone in a process whose descriptors are all taken once it listens: only the
+# backend is a stand-in (the seam), sockets, limits and the process are real.
+_FULL_PROCESS = """
+import json, os, resource, sys
+from watcher.httpserver import HttpServer, Limits
+from watcher.logs import configure_logging
+
+class Backend:
+    max_wait_s = 1.0
+    def healthz(self):
+        return True, {"alive": True}
+
+configure_logging("json", "INFO")
+server = HttpServer("127.0.0.1", 0, Backend(), Limits(64, 8, 5.0))
+server.start()
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+taken = []
+try:
+    while True:
+        taken.append(os.open("/dev/null", os.O_RDONLY))
+except OSError:
+    pass
+print(json.dumps({"event": "test.full", "port": server.address[1]}), flush=True)
+sys.stdin.readline()
+for fd in taken:
+    os.close(fd)
+sys.stdin.readline()
+server.close()
+"""
+
+
+def test_accept_failing_with_emfile_pauses_instead_of_spinning() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _FULL_PROCESS], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None
+    lines: list[str] = []
+    try:
+        lines.append(proc.stdout.readline())
+        addr = ("127.0.0.1", json.loads(lines[0])["port"])
+        waiting = [connect(addr) for _ in range(5)]  # in the kernel's backlog
+        for sock in waiting:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        lines.append(proc.stdout.readline())
+        assert json.loads(lines[1])["event"] == "http.accept_failed"
+        cpu_before, wall_before = process_cpu_s(proc.pid), time.monotonic()
+        time.sleep(1.5)  # a window to measure: EMFILE must not make the loop spin
+        busy = (process_cpu_s(proc.pid) - cpu_before) / (time.monotonic() - wall_before)
+        assert busy < 0.3, f"the accept loop used {busy:.0%} of a core"
+
+        proc.stdin.write("free\n")
+        proc.stdin.flush()
+        for sock in waiting:  # served once descriptors are back, without being asked again
+            assert read_response(sock).status == 200
+            sock.close()
+        proc.stdin.write("stop\n")
+        proc.stdin.flush()
+        assert proc.wait(timeout=20) == 0
+    finally:
+        proc.kill()
+        lines += proc.stdout.readlines()
+    for line in lines:
+        assert json.loads(line)["event"], line  # nothing but JSON lines

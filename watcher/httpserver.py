@@ -93,6 +93,7 @@ class HttpServer:
         self._pool = ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="watcher-http-pool")
         self._accepting = False
         self._accept_paused_until = 0.0
+        self._accept_failing = False
         self._closing = False
         self._thread: threading.Thread | None = None
         self._logs = LogBudget("http.log_suppressed")
@@ -208,10 +209,13 @@ class HttpServer:
                 if err.errno == errno.ECONNABORTED:
                     continue
                 # EMFILE, ENFILE, ENOBUFS: retrying at once would spin; the kernel queues.
-                self._log("http.accept_failed", "WARNING", "cannot accept", reason=str(err))
+                if not self._accept_failing:  # one line per run of failures
+                    self._log("http.accept_failed", "WARNING", "cannot accept", reason=str(err))
+                self._accept_failing = True
                 self._accept_off()
                 self._accept_paused_until = now + ACCEPT_PAUSE_S
                 return
+            self._accept_failing = False
             sock.setblocking(False)
             conn = Conn(sock, self._turns)
             self._conns.add(conn)

@@ -170,6 +170,9 @@ class HttpServer:
     def _timeout(self, now: float) -> float:
         if self._runnable or self._inbox:
             return 0.0
+        deadlines = self._deadlines
+        while deadlines and (deadlines[0][2].closed or deadlines[0][2].deadline != deadlines[0][0]):
+            heapq.heappop(deadlines)  # stale (answered, closed): never wake up for it
         timeout = TICK_S
         if self._deadlines:
             timeout = min(timeout, self._deadlines[0][0] - now)

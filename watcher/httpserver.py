@@ -183,6 +183,8 @@ class HttpServer:
     def _guarded(self, conn: Conn, step: Callable[..., None], *args: Any) -> None:
         """One step for one connection: a client that left is closed quietly; a bug there
         costs that connection, not the loop."""
+        if conn.closed:  # closed earlier in this turn
+            return
         try:
             step(*args)
         except Gone:

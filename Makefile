@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DEBIAN_PACKAGES := clamav-daemon clamav-freshclam clamdscan clamav-testfiles inotify-tools python3-venv
+# The archive tests build their cases with the real tools (tests/archive_cases.py).
+TEST_DEBIAN_PACKAGES := zip p7zip-full
 APT_ENV := DEBIAN_FRONTEND=noninteractive
 LOGQL := tests/logql/node_modules/.installed
 
@@ -18,10 +20,13 @@ deps:
 	  apt-get update -qq && $(APT_ENV) apt-get install -y -qq --no-install-recommends $(DEBIAN_PACKAGES); \
 	fi
 
-# Only the tests need these: promtool (in Debian's prometheus) checks the alert rules; node
-# runs the Node.js example and Grafana's LogQL grammar. Each is installed only if its command is
-# missing. Debian's prometheus starts a server on :9090 where systemd runs: we want promtool only.
+# Only the tests need these: zip and 7z build the archive cases; promtool (in Debian's
+# prometheus) checks the alert rules; node runs the Node.js example and Grafana's LogQL grammar.
+# Each is installed only if missing. Debian's prometheus starts a server on :9090 where systemd runs: we want promtool only.
 test-deps: $(LOGQL)
+	@if ! dpkg -s $(TEST_DEBIAN_PACKAGES) >/dev/null 2>&1; then \
+	  apt-get update -qq && $(APT_ENV) apt-get install -y -qq --no-install-recommends $(TEST_DEBIAN_PACKAGES); \
+	fi
 	@command -v promtool >/dev/null || { \
 	  apt-get update -qq && $(APT_ENV) apt-get install -y -qq --no-install-recommends prometheus && \
 	  { [ ! -d /run/systemd/system ] || systemctl disable --now prometheus >/dev/null 2>&1 || true; }; }

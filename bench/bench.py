@@ -88,7 +88,9 @@ class Clamd:
         self.conf.write_text(
             f"LocalSocket {self.socket}\nDatabaseDirectory {root / 'db'}\nForeground yes\n"
             f"TemporaryDirectory {root / 'tmp'}\nMaxThreads {threads}\nMaxQueue 200\n"
-            "DisableCache yes\nAlertExceedsMax yes\nSelfCheck 3600\n"
+            # AlertEncrypted: with WATCHER_ARCHIVE_INSPECTION=false (the A/B's "off" arm) clamd
+            # must flag the encrypted canary itself, or the daemon holds every file.
+            "DisableCache yes\nAlertExceedsMax yes\nAlertEncrypted yes\nSelfCheck 3600\n"
             f"LogFile {root / 'clamd.log'}\n"
         )
         self.proc = subprocess.Popen(
@@ -339,6 +341,50 @@ def big_file(daemon: Watcher, size: int) -> dict[str, Any]:
     }
 
 
+def archive_ab(clamd: Clamd, corpus: Path, base: Path, files: int, rounds: int) -> dict[str, Any]:
+    """Daemon CPU per file with WATCHER_ARCHIVE_INSPECTION on and off, alternating (ABBA...):
+    the machine is shared, so each pair of runs sees the same weather."""
+    cpu: dict[str, list[float]] = {"true": [], "false": []}
+    wall: dict[str, list[float]] = {"true": [], "false": []}
+    for n in range(rounds):
+        for arm in ("true", "false") if n % 2 == 0 else ("false", "true"):
+            daemon = Watcher(base / f"ab-{n}-{arm}", clamd, WATCHER_ARCHIVE_INSPECTION=arm)
+            before = cpu_seconds(daemon.proc.pid)
+            started = move_all(corpus, daemon.uploads)
+            finished = daemon.wait_delivered(files, 600)
+            cpu[arm].append((cpu_seconds(daemon.proc.pid) - before) / files * 1000)
+            wall[arm].append(finished - started)
+            if count_files(daemon.processed) != files:  # a clean corpus: nothing refused
+                raise RuntimeError(f"inspection {arm}: {count_files(daemon.processed)}/{files}")
+            move_all(daemon.processed, corpus)
+            daemon.stop()
+    zips = sum(1 for p in corpus.iterdir() if p.suffix == ".zip")
+    on, off = statistics.median(cpu["true"]), statistics.median(cpu["false"])
+    return {
+        "rounds": rounds,
+        "zips": zips,
+        "cpu_ms_per_file_on": on,
+        "cpu_ms_per_file_off": off,
+        "cpu_ms_per_file_added": on - off,
+        "cpu_ms_per_zip_added": (on - off) * files / max(zips, 1),
+        "seconds_on": statistics.median(wall["true"]),
+        "seconds_off": statistics.median(wall["false"]),
+        "cpu_ms_per_file_runs": cpu,
+    }
+
+
+def rewrite_zips_as_zip64(corpus: Path) -> None:
+    """The corpus' zips as a streaming writer makes them (ZIP64): clamd cannot read those, so
+    watcher extracts and scans every member itself."""
+    for path in sorted(corpus.glob("*.zip")):
+        with zipfile.ZipFile(path) as source:
+            members = [(info.filename, source.read(info)) for info in source.infolist()]
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as target:
+            for name, data in members:
+                with target.open(name, "w", force_zip64=True) as member:
+                    member.write(data)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--files", type=int, default=1800)
@@ -347,6 +393,10 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=20)
     parser.add_argument("--idle", type=float, default=30.0)
     parser.add_argument("--big-gb", type=float, default=2.0)
+    parser.add_argument("--ab-rounds", type=int, default=4, help="archive inspection on/off")
+    parser.add_argument(
+        "--archives-only", action="store_true", help="only the archive inspection A/B"
+    )
     args = parser.parse_args()
 
     base = Path(tempfile.mkdtemp(prefix="watcher-bench-", dir="/var/tmp"))
@@ -365,6 +415,17 @@ def main() -> int:
         corpus_bytes = make_corpus(corpus, args.files)
         results["corpus"] = {"files": args.files, "mb": round(corpus_bytes / 1e6, 1)}
         print(f"corpus: {args.files} files, {corpus_bytes / 1e6:.1f} MB", flush=True)
+        if args.ab_rounds:
+            results["archives"] = archive_ab(clamd, corpus, base, args.files, args.ab_rounds)
+            print(f"archive inspection: {_short(results['archives'])}", flush=True)
+            if args.archives_only:
+                rewrite_zips_as_zip64(corpus)
+                results["archives_zip64"] = archive_ab(
+                    clamd, corpus, base / "zip64", args.files, args.ab_rounds
+                )
+                print(f"zip64 corpus: {_short(results['archives_zip64'])}", flush=True)
+                print(json.dumps(results, indent=2))
+                return 0
 
         engine_s = engine_limit(clamd, corpus)
         print(f"engine: {engine_s:.2f}s", flush=True)
@@ -409,6 +470,10 @@ def main() -> int:
     return 0
 
 
+def _short(ab: dict[str, Any]) -> dict[str, Any]:
+    return {k: round(v, 3) for k, v in ab.items() if isinstance(v, float)}
+
+
 def print_table(r: dict[str, Any]) -> None:
     t, lat, b, m = r["throughput"], r["latency"], r["burst"], r["memory"]
     rss = f"{m['rss_after_1000_mb']:.1f} / {m['rss_after_burst_mb']:.1f} MB"
@@ -429,6 +494,10 @@ def print_table(r: dict[str, Any]) -> None:
         (f"burst of {b['files']:,} files", burst_result, "all"),
         ("idle CPU (30 s, empty uploads)", f"{r['idle_cpu_percent']:.2f} %", "< 0.5 %"),
     ]
+    if "archives" in r:
+        a = r["archives"]
+        added = f"+{a['cpu_ms_per_file_added']:.2f} ms/file (+{a['cpu_ms_per_zip_added']:.2f}/zip)"
+        rows.append(("daemon CPU, archive inspection on - off", added, "small"))
     if "big_file" in r:
         big = r["big_file"]
         peak = f"RSS {big['rss_before_mb']:.0f} → peak {big['rss_peak_mb']:.0f} MB"

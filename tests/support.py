@@ -70,7 +70,10 @@ def run_cli(
 class Clamd:
     """A real clamd with its own config, socket and test signatures under `root`."""
 
-    def __init__(self, root: Path, max_threads: int = 4, extra_conf: str = "") -> None:
+    def __init__(
+        self, root: Path, max_threads: int = 4, extra_conf: str = "", alert_exceeds_max: bool = True
+    ) -> None:
+        """Stock settings plus ``AlertExceedsMax yes`` (without it: the official image's)."""
         self.root = root
         self.socket = root / "clamd.sock"
         self.db = root / "db"
@@ -82,7 +85,9 @@ class Clamd:
         self.conf.write_text(
             f"LocalSocket {self.socket}\nDatabaseDirectory {self.db}\nForeground yes\n"
             f"LogFile {root / 'clamd.log'}\nTemporaryDirectory {root / 'tmp'}\n"
-            f"MaxThreads {max_threads}\nAlertExceedsMax yes\nSelfCheck 3600\n{extra_conf}"
+            f"MaxThreads {max_threads}\nSelfCheck 3600\n"
+            + ("AlertExceedsMax yes\n" if alert_exceeds_max else "")
+            + extra_conf
         )
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -185,8 +190,11 @@ class DaemonProcess:
     (a line that is not is recorded as event ``raw``). `nofile` lowers RLIMIT_NOFILE.
     """
 
-    def __init__(self, env: dict[str, str], nofile: int | None = None) -> None:
+    def __init__(
+        self, env: dict[str, str], prefix: tuple[str, ...] = (), nofile: int | None = None
+    ) -> None:
         self.env = {**os.environ, **env, "WATCHER_LOG_FORMAT": "json"}
+        self.prefix = prefix  # e.g. setpriv ... to run it without privileges
         self.nofile = nofile
         self.events = Events()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -198,7 +206,7 @@ class DaemonProcess:
         if self.nofile is not None:
             command = [sys.executable, "-c", _WITH_NOFILE, str(self.nofile)]
         self.proc = subprocess.Popen(
-            command,
+            [*self.prefix, *command],
             env=self.env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -76,6 +76,10 @@ SCENARIOS = [
     ("WatcherOldestPendingTooOld", 'watcher_oldest_pending_seconds{instance="a"}',
      "0 100x8", 7, None),
     ("WatcherDefinitionsStale", 'watcher_definitions_stale{instance="a"}', "0 1x12", 12, {}),
+    ("WatcherDeliveryFailing", 'watcher_delivery_failing{instance="a"}', "0 1x5", 4, {}),
+    ("WatcherClamdUntrusted", 'watcher_clamd_trusted{instance="a"}', "1 0x5", 3, {}),
+    ("WatcherClamdUntrusted", 'watcher_clamd_trusted{instance="a"}', "1 1x5", 3, None),
+    ("WatcherDeliveryFailing", 'watcher_delivery_failing{instance="a"}', "0 1x5", 1, None),
     ("WatcherQuarantineGrowing", 'watcher_quarantine_files{instance="a"}', "0+1x70", 65, {}),
 ]  # fmt: skip
 

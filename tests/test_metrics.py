@@ -82,5 +82,5 @@ def test_a_file_still_being_written_counts_as_pending(
         assert value(scrape(daemon), "watcher_oldest_pending_seconds") > 0
         later = time.time() + 100  # time passed in: the same file, 100 s on
         staging = daemon.settings.staging_root
-        assert 99 < oldest_pending_s(dirs["uploads"], staging, lambda p: False, later) < 102
-        assert oldest_pending_s(dirs["uploads"], staging, lambda p: True, later) == 0
+        assert 99 < oldest_pending_s(daemon.intake.walk(), staging, later) < 102
+        assert oldest_pending_s([], staging, later) == 0

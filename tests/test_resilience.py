@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import random
 import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -228,25 +232,33 @@ def test_errors_from_clamd_are_never_clean(
         daemon.close()
 
 
-def test_file_changed_during_scan_is_scanned_again(
+def test_a_writer_arriving_during_the_scan_cannot_change_what_is_delivered(
     make_settings: Callable[..., object], dirs: dict[str, Path], events: Events
 ) -> None:
-    target = dirs["uploads"] / "grow.txt"
+    """Another process opens the claimed file for writing while clamd reads it: the lease we
+    hold makes it wait, the daemon scans a private copy instead, and the writer's bytes land
+    in an inode nobody delivers."""
+    writers: list[subprocess.Popen[bytes]] = []
 
-    def append_once(fd: int) -> None:
-        if scanner.calls == 1:  # a writer still holding the file adds to it mid-scan
-            with open(f"/proc/self/fd/{fd}", "ab") as f:
-                f.write(b" and more")
+    def reopen_for_writing(fd: int) -> None:
+        if scanner.calls != 1:
+            return
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        script = "import sys; open(sys.argv[1], 'ab').write(sys.argv[2].encode())"
+        writers.append(subprocess.Popen([sys.executable, "-c", script, path, " EVIL"]))
+        # The writer's open() has begun once our lease shows the break it asked for.
+        wait_until(lambda: fcntl.fcntl(fd, fcntl.F_GETLEASE) != fcntl.F_RDLCK, what="lease break")
 
-    scanner = ScriptedScanner([], append_once)
+    scanner = ScriptedScanner([], reopen_for_writing)
     daemon = Daemon(make_settings(), scanner)  # type: ignore[arg-type]
     daemon.start()
     try:
-        target.write_bytes(b"start")
+        (dirs["uploads"] / "grow.txt").write_bytes(b"start")
         events.wait_for("file.clean", path="grow.txt")
-        assert scanner.calls == 2
-        assert events.named("file.changed")
-        assert (dirs["processed"] / "grow.txt").read_bytes() == b"start and more"
+        assert scanner.calls == 2  # the original, then the private copy
+        assert events.named("file.changed", path="grow.txt", reason="opened for writing")
+        assert writers[0].wait(timeout=30) == 0  # let go of, it wrote into the orphaned inode
+        assert files_under(dirs["processed"]) == {"grow.txt": b"start"}
     finally:
         daemon.close()
 
@@ -258,8 +270,11 @@ def test_claims_left_by_a_daemon_that_stopped_are_taken_over_without_a_restart(
     daemon = start_daemon()
     gone = Staging(dirs["uploads"] / ".watcher")
     gone.open()
-    (dirs["uploads"] / "left.txt").write_bytes(b"waited in a stopped daemon's staging")
-    assert gone.claim(dirs["uploads"] / "left.txt", "left.txt") is not None
+    # Written under a name the running daemon ignores, so that the test claims it, not the daemon.
+    (dirs["uploads"] / ".left.txt").write_bytes(b"waited in a stopped daemon's staging")
+    uploads_fd = os.open(dirs["uploads"], os.O_RDONLY | os.O_DIRECTORY)
+    assert gone.claim(uploads_fd, ".left.txt", "left.txt") is not None
+    os.close(uploads_fd)
     gone.close()  # a clean stop with a claim still waiting (clamd was down, say)
     daemon.intake.request_sweep()
     events.wait_for("staging.adopted", path="left.txt")
@@ -273,7 +288,7 @@ def test_a_lasting_filesystem_error_backs_off_instead_of_flooding_the_log(
 ) -> None:
     class Failing(ScriptedScanner):
         def scan_fd(self, fd: int) -> Verdict:
-            raise PermissionError(13, "Permission denied")
+            raise OSError(errno.EIO, "Input/output error")  # a disk fault: it may pass
 
     daemon = Daemon(make_settings(), Failing([]))  # type: ignore[arg-type]
     daemon.start()

@@ -29,15 +29,15 @@ def test_full_processed_logged_once_while_small_files_and_quarantine_still_flow(
     daemon = start_daemon()
     full = threading.Event()
     full.set()
-    move = daemon.deliverer._move
+    place = daemon.deliverer._place
 
-    def move_unless_full(claim: Any, fd: int, directory: str, *args: Any) -> Path:
+    def place_unless_full(claim: Any, fd: int, dir_fd: int, directory: str, *args: Any) -> str:
         too_big = os.fstat(fd).st_size >= len(BIG)  # a nearly full disk: small files still fit
         if full.is_set() and too_big and Path(directory).is_relative_to(dirs["processed"]):
             raise OSError(errno.ENOSPC, "No space left on device")
-        return move(claim, fd, directory, *args)
+        return place(claim, fd, dir_fd, directory, *args)
 
-    monkeypatch.setattr(daemon.deliverer, "_move", move_unless_full)
+    monkeypatch.setattr(daemon.deliverer, "_place", place_unless_full)
     (dirs["uploads"] / "big.bin").write_bytes(BIG)
     events.wait_for("storage.full", path="big.bin")
     (dirs["uploads"] / "small.txt").write_bytes(b"fits")

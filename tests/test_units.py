@@ -9,7 +9,7 @@ import pytest
 from loguru import logger
 
 from watcher.deliver import Deliverer
-from watcher.fsops import noclobber_names
+from watcher.fsops import copy_to_new_file, noclobber_names
 from watcher.staging import Claim, Journal, Staging
 from watcher.verdict import Clean, Infected, NotScanned, parse_reply
 
@@ -47,10 +47,11 @@ def test_anything_but_an_explicit_ok_is_not_clean(reply: str) -> None:
 
 def test_size_limits_are_unscannable_never_clean() -> None:
     assert parse_reply("INSTREAM size limit exceeded. ERROR") == NotScanned(
-        "exceeds clamd StreamMaxLength", transient=False
+        "exceeds clamd StreamMaxLength", transient=False, cause="limits"
     )
     limited = parse_reply("fd[3]: Heuristics.Limits.Exceeded.MaxFileSize FOUND")
     assert isinstance(limited, NotScanned) and not limited.transient
+    assert limited.cause == "limits"
 
 
 def test_noclobber_names_keep_extension_and_255_bytes() -> None:
@@ -64,9 +65,17 @@ def test_noclobber_names_keep_extension_and_255_bytes() -> None:
 def _claim_files(staging: Staging, uploads: Path, name: str, body: bytes) -> Path:
     upload = uploads / name
     upload.write_bytes(body)
-    claim = staging.claim(upload, name)
+    claim = _claim(staging, uploads, name)
     assert claim is not None
     return claim.data
+
+
+def _claim(staging: Staging, uploads: Path, rel: str) -> Claim | None:
+    parent = os.open((uploads / rel).parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return staging.claim(parent, os.path.basename(rel), rel)
+    finally:
+        os.close(parent)
 
 
 def _die(staging: Staging) -> None:
@@ -79,7 +88,6 @@ def test_recovery_redoes_claims_left_by_a_dead_daemon(tmp_path: Path) -> None:
     uploads.mkdir()
     dead = Staging(uploads / ".watcher")
     dead.open()
-    _claim_files(dead, uploads, "sub dir/a\nb ü.txt", b"a") if False else None
     (uploads / "sub dir").mkdir()
     _claim_files(dead, uploads, "sub dir/a\nb ü.txt", b"a")
     _die(dead)
@@ -114,7 +122,7 @@ def test_crash_between_link_and_unlink_is_finished_not_delivered_twice(tmp_path:
     dead.open()
     processed.mkdir()
     data = _claim_files(dead, uploads, "c.txt", b"c")
-    claim = Journal.read(dead.dir)
+    claim = Journal.read(dead.dir_fd)
     (claim_id,) = claim
     dead.journal.note(Claim(claim_id, "c.txt", data, 0.0), str(processed / "c.txt"))
     os.link(data, processed / "c.txt")  # ... and the crash came before the unlink
@@ -160,13 +168,12 @@ def test_journal_segments_are_deleted_once_settled(
     claims = []
     for n in range(20):
         (uploads / f"{n}.txt").write_bytes(b"x")
-        claim = staging.claim(uploads / f"{n}.txt", f"{n}.txt")
+        claim = _claim(staging, uploads, f"{n}.txt")
         assert claim is not None
         claims.append(claim)
     assert len(list(staging.dir.glob("journal-*"))) > 3
     for claim in claims:
-        claim.data.unlink()
-        staging.release(claim)
+        staging.drop(claim)
     assert len(list(staging.dir.glob("journal-*"))) == 1  # only the current one
     staging.close()
     assert not staging.dir.exists()
@@ -208,3 +215,25 @@ def test_log_budget_passes_ten_lines_a_second_per_event_and_counts_the_rest() ->
     assert len(events.named("x.other")) == 1
     (summary,) = events.named("x.suppressed")
     assert summary["suppressed_event"] == "x.noisy" and summary["count"] == 15
+
+
+def test_a_copy_keeps_the_holes_of_a_sparse_file(tmp_path: Path) -> None:
+    """Issue 11.6: a copy (between mounts, or a private copy) never fills an upload's holes."""
+    source = tmp_path / "sparse.bin"
+    with open(source, "wb") as f:
+        f.truncate(8 << 30)
+        f.seek(4 << 30)
+        f.write(b"middle")
+    src = os.open(source, os.O_RDONLY)
+    out_dir = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        copy_to_new_file(src, out_dir, "copy.bin", 0o640)
+    finally:
+        os.close(src)
+        os.close(out_dir)
+    copy = tmp_path / "copy.bin"
+    assert copy.stat().st_size == 8 << 30 and copy.stat().st_blocks * 512 < 1 << 20
+    assert copy.stat().st_mode & 0o777 == 0o640
+    with open(copy, "rb") as f:
+        f.seek(4 << 30)
+        assert f.read(6) == b"middle"

@@ -16,6 +16,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -107,6 +108,27 @@ class _FixedProtocol:
                 while chunk := os.pread(fd, INSTREAM_CHUNK_BYTES, offset):
                     self.clamd_socket.sendall(struct.pack("!L", len(chunk)) + chunk)
                     offset += len(chunk)
+                self.clamd_socket.sendall(struct.pack("!L", 0))
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # StreamMaxLength: clamd replies, then closes
+            return self._recv_response()
+        except OSError as err:
+            raise clamd.ConnectionError(f"INSTREAM: {err}") from err
+        finally:
+            self.clamd_socket.close()
+
+    def instream_chunks(self, chunks: Iterable[bytes]) -> str:
+        """INSTREAM of bytes made in memory (an archive member), whatever their chunking."""
+        self._init_socket()  # type: ignore[attr-defined]
+        try:
+            self._send_command("INSTREAM")
+            try:
+                for chunk in chunks:
+                    view = memoryview(chunk)
+                    for start in range(0, len(view), INSTREAM_CHUNK_BYTES):
+                        piece = view[start : start + INSTREAM_CHUNK_BYTES]
+                        self.clamd_socket.sendall(struct.pack("!L", len(piece)))
+                        self.clamd_socket.sendall(piece)
                 self.clamd_socket.sendall(struct.pack("!L", 0))
             except (BrokenPipeError, ConnectionResetError):
                 pass  # StreamMaxLength: clamd replies, then closes
@@ -224,6 +246,22 @@ class ClamdScanner:
             # Counted as an attempt, not an outage: a file that kills clamd mid-scan must end
             # as unscannable, not be retried forever. If clamd is really down, the next
             # connect fails and the outage is handled there.
+            if isinstance(err.__cause__, TimeoutError):
+                return NotScanned(f"clamd did not answer within {self.scan_timeout_s}s", True)
+            return NotScanned(f"clamd dropped the connection mid-scan: {err}", True)
+        if not reply:
+            return NotScanned("empty reply from clamd", transient=True)
+        return parse_reply(reply)
+
+    def scan_stream(self, chunks: Iterable[bytes]) -> Verdict:
+        """Scan bytes that exist only in memory (archive members watcher extracted itself):
+        INSTREAM on a connection of its own, over the unix socket or TCP alike.
+        Errors as in `scan_fd`: `ClamdUnavailable` when clamd cannot be reached."""
+        try:
+            reply = self._client(self.scan_timeout_s).instream_chunks(chunks)
+        except _ConnectFailed as err:
+            raise ClamdUnavailable(str(err)) from err
+        except clamd.ConnectionError as err:
             if isinstance(err.__cause__, TimeoutError):
                 return NotScanned(f"clamd did not answer within {self.scan_timeout_s}s", True)
             return NotScanned(f"clamd dropped the connection mid-scan: {err}", True)

@@ -6,10 +6,11 @@ import argparse
 import os
 import stat
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from watcher import __version__, opscli
+from watcher.archives import inspector_from_settings
 from watcher.daemon import Daemon, scanner_from_settings
 from watcher.errors import ClamdUnavailable, ConfigError, WatcherError
 from watcher.fsops import OPEN_UPLOAD_FLAGS
@@ -80,11 +81,13 @@ def _purge_quarantine(settings: Settings, args: argparse.Namespace) -> int:
 def _scan(settings: Settings, args: argparse.Namespace) -> int:
     """Report a verdict per file, like clamdscan; nothing is moved."""
     scanner = scanner_from_settings(settings)
+    inspector = inspector_from_settings(settings, scanner)  # what clamd cannot see: archives
+    look_inside = inspector.check if inspector else lambda fd, verdict: verdict
     files = list(_files(args.paths))
     worst = EXIT_CLEAN
     progress = sys.stderr.isatty()
     for n, path in enumerate(files, 1):
-        line, code = _scan_one(scanner, path, settings.max_file_bytes)
+        line, code = _scan_one(scanner, path, settings.max_file_bytes, look_inside)
         worst = max(worst, code)
         if progress:
             print(f"\r\x1b[K[{n}/{len(files)}]", end="", file=sys.stderr, flush=True)
@@ -104,7 +107,9 @@ def _files(paths: list[Path]) -> Iterator[Path]:
             yield path
 
 
-def _scan_one(scanner: object, path: Path, max_bytes: int) -> tuple[str, int]:
+def _scan_one(
+    scanner: object, path: Path, max_bytes: int, look_inside: Callable[[int, Verdict], Verdict]
+) -> tuple[str, int]:
     try:
         st = os.lstat(path)
         if stat.S_ISLNK(st.st_mode) or not stat.S_ISREG(st.st_mode):
@@ -115,7 +120,7 @@ def _scan_one(scanner: object, path: Path, max_bytes: int) -> tuple[str, int]:
     except OSError as err:
         return f"{err.strerror} ERROR", EXIT_ERROR
     try:
-        verdict: Verdict = scanner.scan_fd(fd)  # type: ignore[attr-defined]
+        verdict: Verdict = look_inside(fd, scanner.scan_fd(fd))  # type: ignore[attr-defined]
     except ClamdUnavailable as err:
         verdict = NotScanned(str(err), transient=True)
     finally:

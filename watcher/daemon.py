@@ -19,6 +19,8 @@ from pathlib import Path
 from loguru import logger
 
 from watcher.allowlist import Allowlist
+from watcher.archives import inspector_from_settings
+from watcher.canaries import ClamdCheck
 from watcher.clamav import ClamdScanner, Scanner
 from watcher.definitions import DefinitionsState, LoadedDefinitions
 from watcher.deliver import Deliverer
@@ -28,7 +30,7 @@ from watcher.jobs import Jobs
 from watcher.jobstatus import JobStatus
 from watcher.ops import Operations
 from watcher.pipeline import Outcome, Pipeline, PipelineConfig, Result, RetryCause
-from watcher.settings import Settings
+from watcher.settings import Settings, check_disjoint
 from watcher.staging import Claim, Staging
 
 WorkItem = Path | Claim
@@ -122,6 +124,43 @@ class ClamdHealth:
             return
 
 
+class DestinationHealth:
+    """Deliveries each destination refused in a row; from `FAILING_AFTER` on it is failing.
+
+    A destination that refuses every file (unwritable, another filesystem that refuses our
+    moves, ...) makes the daemon not ready and is logged `delivery.failing` once, and
+    `delivery.ok` once a delivery there succeeds again. Files wait meanwhile.
+    """
+
+    FAILING_AFTER = 3
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._failures: dict[str, tuple[int, str]] = {}
+
+    def failed(self, destination: str, reason: str) -> None:
+        with self._lock:
+            count = self._failures.get(destination, (0, ""))[0] + 1
+            self._failures[destination] = (count, reason)
+        if count == self.FAILING_AFTER:
+            logger.bind(event="delivery.failing", dest=destination, reason=reason).error(
+                "a destination refuses deliveries: files wait"
+            )
+
+    def delivered(self, destination: str) -> None:
+        if destination not in self._failures:  # the hot path: no lock, nothing to do
+            return
+        with self._lock:
+            count, _ = self._failures.pop(destination, (0, ""))
+        if count >= self.FAILING_AFTER:
+            logger.bind(event="delivery.ok", dest=destination).info("delivering again")
+
+    def failing(self) -> dict[str, str]:
+        """Each failing destination with the last reason it gave."""
+        with self._lock:
+            return {d: r for d, (n, r) in self._failures.items() if n >= self.FAILING_AFTER}
+
+
 class Daemon:
     def __init__(self, settings: Settings, scanner: Scanner | None = None) -> None:
         self.settings = settings
@@ -130,6 +169,7 @@ class Daemon:
         self.staging = Staging(settings.staging_root)
         self.deliverer = Deliverer(settings.processed_dir, settings.quarantine_dir, self.staging)
         self.allowlist = Allowlist(settings.state_dir / "allowlist")
+        self.inspector = inspector_from_settings(settings, self.scanner)
         self.pipeline = Pipeline(
             PipelineConfig(
                 uploads_dir=settings.uploads_dir,
@@ -138,14 +178,27 @@ class Daemon:
                 unscannable_policy=settings.unscannable_policy,
                 max_scan_attempts=settings.max_scan_attempts,
                 retry_max_backoff_s=settings.retry_max_backoff_s,
+                max_depth=settings.max_depth,
             ),
             self.scanner,
             self.staging,
             self.deliverer,
             allowlisted=self.allowlist.contains,
+            look_inside=self.inspector.check if self.inspector else lambda fd, verdict: verdict,
         )
+        self.destinations = DestinationHealth()
+        processed, quarantine = str(settings.processed_dir), str(settings.quarantine_dir)
+        self._destination_of = {
+            Outcome.CLEAN: processed, Outcome.ALLOWLISTED: processed, Outcome.UNSCANNED: processed,
+            Outcome.INFECTED: quarantine, Outcome.UNSCANNABLE: quarantine,
+        }  # fmt: skip
         self.queue = WorkQueue(settings.queue_size)
         self.clamd = ClamdHealth(self.scanner, self.stop_event)
+        self.clamd_check = ClamdCheck(
+            self.scanner, self.pipeline.look_inside, settings.archive_max_depth,
+            settings.accept_encrypted, settings.canary_interval_s, self.stop_event,
+            on_unreachable=self.clamd.mark_down,
+        )  # fmt: skip
         self.intake = Intake(
             settings.uploads_dir,
             self.queue.offer,
@@ -156,6 +209,7 @@ class Daemon:
             polling=settings.observer == "polling",
             poll_interval_s=settings.poll_interval_s,
             skip_dirs=(settings.staging_root,),
+            max_depth=settings.max_depth,
             after_full_sweep=self._adopt_orphans,
         )
         self.definitions = DefinitionsState()
@@ -168,7 +222,7 @@ class Daemon:
         self._closed = False
         self.job_status = JobStatus()  # written by the scheduled jobs, read by /metrics
         self.jobs = Jobs(
-            settings, self.scanner, self.definitions, self.pipeline.forget_clamd_version,
+            settings, self.scanner, self.definitions, self._definitions_reloaded,
             status=self.job_status, allowlisted=self.allowlist.contains,
         )  # fmt: skip
         self.add_listener(self.jobs.deliveries.record)
@@ -182,6 +236,7 @@ class Daemon:
 
     def start(self) -> None:
         s = self.settings
+        check_disjoint(s)  # before anything is made or moved
         self.ops.bind()  # a taken WATCHER_HTTP_ADDR fails here, before any file is claimed
         ignore_lease_breaks()
         s.uploads_dir.mkdir(parents=True, exist_ok=True)
@@ -193,6 +248,7 @@ class Daemon:
                 "VIRUS_SCANNING_ENABLED=false: files are delivered WITHOUT scanning"
             )
         self._report_definitions()
+        self._check_clamd()
         for claim in self.staging.recover():
             self.queue.offer(claim, force=True)
         # `workers` scans in flight at most; twice as many threads, so that while some move
@@ -225,6 +281,7 @@ class Daemon:
         unfinished = sum(t.is_alive() for t in self._workers)
         self.deliverer.close()
         self.jobs.shutdown(max(1.0, deadline - time.monotonic()))
+        self.clamd_check.close()
         if not unfinished:  # a worker still running may yet record a delivery
             self.jobs.deliveries.close()
         self.ops.close()
@@ -243,7 +300,11 @@ class Daemon:
         return 0
 
     def alive(self) -> bool:
-        return self.intake.alive() and all(t.is_alive() for t in self._workers)
+        return (
+            self.intake.alive()
+            and self.deliverer.committer.alive()
+            and all(t.is_alive() for t in self._workers)
+        )
 
     # -- workers ------------------------------------------------------------------------
 
@@ -263,6 +324,19 @@ class Daemon:
                 "took over a stopped daemon's claim"
             )
             self.queue.offer(claim, force=True)
+
+    def _check_clamd(self) -> None:
+        """Canaries (watcher/canaries.py) for a real clamd; a test's scripted scanner is trusted."""
+        if self.settings.scanning_enabled and isinstance(self.scanner, ClamdScanner):
+            self.clamd_check.start()
+        else:
+            self.clamd_check.trusted.set()
+            self.clamd_check.problem = None
+
+    def _definitions_reloaded(self) -> None:
+        self.pipeline.forget_clamd_version()
+        if self.settings.scanning_enabled and isinstance(self.scanner, ClamdScanner):
+            self.clamd_check.check()  # a new engine: checked again
 
     def _report_definitions(self) -> None:
         """Official databases put a version and date in VERSION's reply; custom-only sets don't."""
@@ -285,8 +359,8 @@ class Daemon:
         if isinstance(self.scanner, ClamdScanner):
             self.scanner.keep_session()
         while not self.stop_event.is_set():
-            if not self.clamd.up.wait(timeout=0.5):
-                continue  # clamd is down: leave files where they are
+            if not self.clamd.up.wait(timeout=0.5) or not self.clamd_check.trusted.wait(0.5):
+                continue  # clamd is down, or answered a canary wrongly: files wait
             item = self.queue.get(timeout_s=0.5)
             if item is None:
                 continue
@@ -312,6 +386,9 @@ class Daemon:
             return
         if isinstance(item, Claim) and self._waiting_for_space:
             self._space_settled(item.id)
+        destination = self._destination_of.get(result.outcome)
+        if destination is not None:
+            self.destinations.delivered(destination)
         with self._count_lock:
             self.counts[result.outcome.value] += 1
         for listener in self._listeners:
@@ -342,6 +419,8 @@ class Daemon:
         assert result.claim is not None
         if result.retry_cause is RetryCause.CLAMD_DOWN:
             self.clamd.mark_down(result.reason or "")
+        elif result.retry_cause is RetryCause.DELIVERY:
+            self.destinations.failed(_str(result.dest) or "?", result.reason or "")
         elif result.retry_cause is RetryCause.STORAGE_FULL:
             with self._count_lock:
                 waiting = self._waiting_for_space.setdefault(result.dest, set())

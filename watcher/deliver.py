@@ -1,16 +1,20 @@
 """Delivery: claimed files into processed (clean) or quarantine (infected, unscannable).
 
-Same filesystem: a hard link under the first free name, then unlink the claim. Across
-filesystems: copy to a temp name in the destination directory, fsync, rename into place
-without overwriting, fsync the directory, then unlink the claim. The destination is noted in
-the claim's record before the step that makes it visible, so a crash before the unlink is
-finished by `finish_interrupted` at the next start, never delivered twice.
+A hard link under the first free name, then (once the new name is durable) the claim's staging
+name goes. Where the kernel refuses a link (between two mounts, even of one filesystem, as with
+container volumes), the bytes are copied to a temp name in the destination, fsynced and renamed
+into place without overwriting (`fsops.place_noclobber`). The destination is noted in the
+claim's journal before the step that makes it visible, so a crash before the staging name goes
+is finished by `finish_interrupted` at the next start, never delivered twice.
+
+The upload's directories are recreated below processed one component at a time, never through
+a symlink; a component whose name is taken by a file gets `` (n)`` like a file name would.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
+import errno
 import json
 import os
 import threading
@@ -22,18 +26,19 @@ from typing import Any
 from loguru import logger
 
 from watcher.fsops import (
-    copy_fd_to_new_file,
-    fsync_dir,
+    make_dirs_beneath,
     noclobber_names,
+    open_root,
+    place_noclobber,
     rename_noreplace,
     sha256_fd,
+    split_rel,
     storage_error,
     write_json_atomic,
 )
 from watcher.staging import Claim, Staging
 
 QUARANTINE_FILE_MODE = 0o400
-_MADE_DIRS_MEMORY = 10_000
 COMMIT_GATHER_S = 0.01
 COMMIT_BATCH_MAX = 256
 
@@ -44,7 +49,6 @@ class Deliverer:
         self.quarantine_dir = quarantine_dir
         self.staging = staging
         self.committer = Committer(staging)
-        self._made_dirs: set[str] = set()
         # The per-file path work is done on str: pathlib's objects showed as a sixth of the
         # daemon's Python time in the bench's profile.
         self._processed = str(processed_dir)
@@ -59,100 +63,141 @@ class Deliverer:
     def close(self) -> None:
         self.committer.close()
 
-    def to_processed(self, claim: Claim, fd: int) -> Path:
-        """Deliver under the upload's relative path; a taken name gets `` (n)`` added."""
-        directory, name = os.path.split(os.path.join(self._processed, claim.rel))
-        names = noclobber_names(name)
+    def to_processed(
+        self, claim: Claim, fd: int, confirm: Callable[[], bool] = lambda: True
+    ) -> Path | None:
+        """Deliver under the upload's relative path; a taken name gets `` (n)`` added.
+
+        ``confirm()`` is asked once the file has its new name: False takes that name back
+        (returns None) before anything is committed, e.g. because someone asked to write the
+        file meanwhile.
+        """
+        parts = split_rel(claim.rel)
+        mode = os.fstat(fd).st_mode & 0o777
         try:
-            self._make_dir(directory)
-            try:
-                return self._move(claim, fd, directory, names)
-            except FileNotFoundError:  # someone removed the directory since we made it
-                self._made_dirs.discard(directory)
-                self._make_dir(directory)
-                return self._move(claim, fd, directory, names)
+            for attempt in range(2):
+                root = open_root(self._processed)
+                try:
+                    parent, used = make_dirs_beneath(root, parts[:-1], 0o777)
+                finally:
+                    os.close(root)
+                directory = os.path.join(self._processed, *used)
+                try:
+                    name = self._place(
+                        claim, fd, parent, directory, noclobber_names(parts[-1]), mode
+                    )
+                except FileNotFoundError:
+                    os.close(parent)  # someone removed the directory since we made it
+                    if attempt:
+                        raise
+                    continue
+                except BaseException:
+                    os.close(parent)
+                    raise
+                break
         except OSError as err:
             raise storage_error(err, "deliver to processed", self.processed_dir) from err
+        if not confirm():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=parent)
+            os.close(parent)
+            claim.dest = None
+            return None
+        self.committer.submit(claim, parent)
+        return Path(directory, name)
 
-    def _make_dir(self, directory: str) -> None:
-        """mkdir -p, remembered: asking again for every file cost two syscalls and an exception."""
-        if directory in self._made_dirs:
-            return
-        os.makedirs(directory, exist_ok=True)
-        if len(self._made_dirs) >= _MADE_DIRS_MEMORY:
-            self._made_dirs.clear()
-        self._made_dirs.add(directory)
+    def to_quarantine(self, claim: Claim, fd: int | None, metadata: dict[str, Any]) -> Path:
+        """Metadata first (so data is never without it), then the bytes, read-only.
 
-    def to_quarantine(self, claim: Claim, fd: int, metadata: dict[str, Any]) -> Path:
-        """Metadata first (so data is never without it), then the bytes, read-only."""
+        ``fd`` None: a file we may not even read is moved as it is, by rename (the same
+        filesystem only; OSError EXDEV otherwise).
+        """
         try:
-            os.fchmod(fd, QUARANTINE_FILE_MODE)
-            record = self.quarantine_dir / f"{claim.id}.json"
-            write_json_atomic(record, json.dumps(metadata, indent=1).encode())
-            return self._move(claim, fd, self._quarantine, lambda n: claim.id, 0o400)
+            qdir = open_root(self._quarantine)
         except OSError as err:
             raise storage_error(err, "deliver to quarantine", self.quarantine_dir) from err
+        try:
+            record = json.dumps(metadata, indent=1).encode()
+            write_json_atomic(Path(f"{claim.id}.json"), record, dir_fd=qdir)
+            if fd is None:
+                self.staging.note_dest(claim, os.path.join(self._quarantine, claim.id))
+                rename_noreplace(self.staging.dir_fd, claim.name, qdir, claim.id)
+                os.fsync(qdir)
+                self.staging.drop(claim)
+                os.close(qdir)
+                return self.quarantine_dir / claim.id
+            os.fchmod(fd, QUARANTINE_FILE_MODE)
+            name = self._place(
+                claim, fd, qdir, self._quarantine, lambda n: claim.id, QUARANTINE_FILE_MODE
+            )
+        except OSError as err:
+            os.close(qdir)
+            if fd is None and err.errno == errno.EXDEV:
+                raise
+            raise storage_error(err, "deliver to quarantine", self.quarantine_dir) from err
+        self.committer.submit(claim, qdir)
+        return self.quarantine_dir / name
 
     def finish_interrupted(self, claim: Claim) -> Path | None:
-        """After a crash mid-copy: clean up, and say if the claim had in fact arrived."""
+        """After a crash mid-delivery: clean up, and say if the claim had in fact arrived."""
         if claim.dest is None:
             return None
         dest = Path(claim.dest)
-        _tmp_name(dest.parent, claim).unlink(missing_ok=True)
-        if not os.path.lexists(dest) or not _same_content(claim.data, dest):
+        with contextlib.suppress(OSError):
+            (dest.parent / _tmp_name(claim)).unlink(missing_ok=True)
+        if not os.path.lexists(dest) or not self._same_content(claim, dest):
             return None
-        os.unlink(claim.data)
-        self.staging.release(claim)
+        self.staging.drop(claim)
         return dest
 
-    def _move(
-        self, claim: Claim, fd: int, directory: str, name: Callable[[int], str], mode: int = 0o644
-    ) -> Path:
-        """Give the claim the first free name in `directory`, then drop its staging name.
+    def _place(
+        self,
+        claim: Claim,
+        fd: int,
+        dir_fd: int,
+        directory: str,
+        names: Callable[[int], str],
+        mode: int,
+    ) -> str:
+        def note(name: str) -> None:
+            self.staging.note_dest(claim, os.path.join(directory, name))
 
-        Same filesystem: a hard link, which fails rather than replace a name, and leaves the
-        staging name in place until the committer has made the new one durable. The
-        destination is noted in the claim's record first, so a crash between link and unlink
-        is finished at the next start instead of delivering twice.
-        """
-        same_fs = os.fstat(fd).st_dev == os.stat(directory).st_dev
-        source = claim.data
-        if not same_fs:
-            source = _tmp_name(Path(directory), claim)
-            self.staging.note_dest(claim, os.path.join(directory, name(0)))
-            source.unlink(missing_ok=True)  # left by a crash before this attempt
-            copy_fd_to_new_file(fd, source, mode if mode == QUARANTINE_FILE_MODE else 0o600)
-            if mode != QUARANTINE_FILE_MODE:
-                os.chmod(source, os.fstat(fd).st_mode & 0o777)
-        for n in itertools.count():
-            dest = os.path.join(directory, name(n))
-            if n or same_fs:
-                self.staging.note_dest(claim, dest)
+        name, _ = place_noclobber(
+            self.staging.dir_fd, claim.name, fd, dir_fd, names,
+            tmp_name=_tmp_name(claim), mode=mode, before_each=note,
+        )  # fmt: skip
+        return name
+
+    def _same_content(self, claim: Claim, dest: Path) -> bool:
+        with contextlib.ExitStack() as stack:
             try:
-                if same_fs:
-                    os.link(source, dest, follow_symlinks=False)
-                else:
-                    rename_noreplace(source, Path(dest))
-            except FileExistsError:
-                continue
-            break
-        self.committer.submit(claim, directory)
-        return Path(dest)
+                a = self.staging.open_claim(claim)
+                stack.callback(os.close, a)
+                b = os.open(dest, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                stack.callback(os.close, b)
+            except FileNotFoundError:
+                return False
+            sa, sb = os.fstat(a), os.fstat(b)
+            if os.path.samestat(sa, sb):
+                return True
+            return sa.st_size == sb.st_size and sha256_fd(a) == sha256_fd(b)
 
 
 class Committer:
     """Makes deliveries durable in batches, off the workers' path.
 
     A delivered claim has its new name but keeps its staging name until an fsync of the new
-    name's directory has completed; then the staging name and record go. One fsync per
+    name's directory has completed; then the staging name and journal entry go. One fsync per
     directory per batch instead of one per file; a crash before it leaves a claim whose
-    record names its destination, which `finish_interrupted` completes.
+    journal names its destination, which `finish_interrupted` completes. Each submission hands
+    over an open fd of the destination directory, so the fsync reaches the very directory the
+    file went into.
     """
 
     def __init__(self, staging: Staging) -> None:
         self._staging = staging
         self._cond = threading.Condition()
-        self._pending: list[tuple[Claim, str]] = []
+        self._pending: list[tuple[Claim, int]] = []
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -160,9 +205,13 @@ class Committer:
         self._thread = threading.Thread(target=self._run, name="watcher-commit", daemon=True)
         self._thread.start()
 
-    def submit(self, claim: Claim, directory: str) -> None:
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def submit(self, claim: Claim, dir_fd: int) -> None:
+        """``dir_fd`` is the committer's to close."""
         with self._cond:
-            self._pending.append((claim, directory))
+            self._pending.append((claim, dir_fd))
             if len(self._pending) == 1 or len(self._pending) >= COMMIT_BATCH_MAX:
                 self._cond.notify()  # not per file: the committer is gathering
 
@@ -193,40 +242,31 @@ class Committer:
                 batch, self._pending = self._pending, []
             self._commit(batch)
 
-    def _commit(self, batch: list[tuple[Claim, str]]) -> None:
-        synced: set[str] = set()
-        for directory in dict.fromkeys(d for _, d in batch):
-            try:
-                fsync_dir(directory)
-                synced.add(directory)
-            except OSError as err:  # the claims stay; the next start finishes them
-                logger.bind(event="commit.failed", dir=str(directory), reason=str(err)).error(
-                    "fsync failed"
-                )
-        for claim, directory in batch:
-            if directory not in synced:
-                continue
-            try:
-                claim.data.unlink(missing_ok=True)
-                self._staging.release(claim)
-            except OSError as err:  # the claim stays; the next start finishes it
-                logger.bind(event="commit.failed", path=claim.rel, reason=str(err)).error(
-                    "could not drop the staging name"
-                )
+    def _commit(self, batch: list[tuple[Claim, int]]) -> None:
+        synced: dict[tuple[int, int], bool] = {}
+        try:
+            for claim, dir_fd in batch:
+                try:
+                    st = os.fstat(dir_fd)
+                    key = (st.st_dev, st.st_ino)
+                    if key not in synced:
+                        os.fsync(dir_fd)
+                        synced[key] = True
+                except OSError as err:  # the claim stays; the next start finishes it
+                    logger.bind(event="commit.failed", path=claim.rel, reason=str(err)).error(
+                        "fsync failed"
+                    )
+                    continue
+                try:
+                    self._staging.drop(claim)
+                except OSError as err:  # the claim stays; the next start finishes it
+                    logger.bind(event="commit.failed", path=claim.rel, reason=str(err)).error(
+                        "could not drop the staging name"
+                    )
+        finally:
+            for _, dir_fd in batch:
+                os.close(dir_fd)
 
 
-def _tmp_name(directory: Path, claim: Claim) -> Path:
-    return directory / f".watcher-{claim.id}.tmp"
-
-
-def _same_content(a: Path, b: Path) -> bool:
-    with contextlib.ExitStack() as stack:
-        fds = []
-        for path in (a, b):
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            stack.callback(os.close, fd)
-            fds.append(fd)
-        sa, sb = os.fstat(fds[0]), os.fstat(fds[1])
-        if os.path.samestat(sa, sb):
-            return True
-        return sa.st_size == sb.st_size and sha256_fd(fds[0]) == sha256_fd(fds[1])
+def _tmp_name(claim: Claim) -> str:
+    return f".watcher-{claim.id}.tmp"

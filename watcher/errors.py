@@ -3,7 +3,7 @@
 WatcherError
 ├── ConfigError          invalid or missing configuration (the CLI exits 2)
 ├── ClamdUnavailable     clamd could not be reached or did not answer in time (transient)
-├── StorageError         a move or claim failed in a way that needs an operator
+├── StorageError         a delivery to a destination (processed, quarantine) failed: files wait
 │   └── StorageFull      ENOSPC / EDQUOT on a destination (transient: wait for space)
 └── QuarantineError      a quarantine entry cannot be restored or deleted (refused, damaged)
     └── EntryNotFound    no quarantine entry with that id
@@ -27,15 +27,16 @@ class ClamdUnavailable(WatcherError):
 
 
 class StorageError(WatcherError):
-    """A filesystem operation on our own directories failed."""
+    """A filesystem operation on one of our destinations failed; the file stays claimed."""
+
+    def __init__(self, message: str, directory: Path | None = None, errno: int | None = None):
+        super().__init__(message)
+        self.directory = directory  # the destination that failed (processed, quarantine)
+        self.errno = errno
 
 
 class StorageFull(StorageError):
     """A destination filesystem is full; the file stays where it is until space returns."""
-
-    def __init__(self, message: str, directory: Path | None = None) -> None:
-        super().__init__(message)
-        self.directory = directory  # the destination that is full (processed, quarantine)
 
 
 class QuarantineError(WatcherError):

@@ -1,11 +1,13 @@
 """Liveness, readiness, and the heartbeat that `watcher healthcheck` reads.
 
 - liveness (/healthz): the daemon's loops (observer, settle, sweep, workers) are running.
-- readiness (/readyz): clamd answers PING, definitions are not stale, and the uploads,
-  processed and quarantine directories are writable. A failed PING also tells the daemon
-  clamd is down, so workers pause and `clamd.down` is logged even while no file arrives.
+- readiness (/readyz): clamd answers PING and answered its canaries right (watcher/canaries.py),
+  definitions are not stale, the uploads, processed and quarantine directories are writable,
+  and no destination refuses deliveries. A failed PING also tells the daemon clamd is down, so
+  workers pause and `clamd.down` is logged even while no file arrives.
 - the heartbeat: ``<state_dir>/heartbeat.json``, rewritten every `heartbeat_interval_s`
-  while the loops are alive, naming the clamd to PING; `watcher healthcheck`
+  while the loops are alive, naming the clamd to PING and what else makes the daemon
+  unhealthy (a destination refusing deliveries, clamd failing its canaries); `watcher healthcheck`
   (watcher/healthcheck.py) reads it, so it needs neither HTTP nor the settings model.
 """
 
@@ -64,10 +66,12 @@ def readiness(daemon: Daemon) -> tuple[bool, dict[str, Any]]:
     checks: dict[str, str | None] = {
         "daemon": None if daemon.alive() else "a daemon loop has stopped (see /healthz)",
         "clamd": probe_clamd(daemon),
+        "clamd_canaries": daemon.clamd_check.problem,
         "definitions": "definitions are stale" if daemon.definitions.stale else None,
         "uploads_dir": writable(s.uploads_dir),
         "processed_dir": writable(s.processed_dir),
         "quarantine_dir": writable(s.quarantine_dir),
+        "delivery": delivery_problem(daemon.destinations.failing()),
     }
     failing = [name for name, problem in checks.items() if problem is not None]
     body = {
@@ -76,6 +80,13 @@ def readiness(daemon: Daemon) -> tuple[bool, dict[str, Any]]:
         "checks": {name: problem or "ok" for name, problem in checks.items()},
     }
     return not failing, body
+
+
+def delivery_problem(failing: dict[str, str]) -> str | None:
+    """One line naming each destination that refuses deliveries, or None."""
+    if not failing:
+        return None
+    return "; ".join(f"deliveries to {dest} fail: {reason}" for dest, reason in failing.items())
 
 
 def writable(directory: Path) -> str | None:
@@ -98,11 +109,17 @@ class Heartbeat:
     """Touches `path` every `interval_s` while `alive()`; removed at a graceful stop."""
 
     def __init__(
-        self, path: Path, interval_s: float, alive: Callable[[], bool], **info: Any
+        self,
+        path: Path,
+        interval_s: float,
+        alive: Callable[[], bool],
+        problems: Callable[[], dict[str, str]] = dict,
+        **info: Any,
     ) -> None:
         self.path = path
         self.interval_s = interval_s
         self._alive = alive
+        self._problems = problems  # what makes the daemon unhealthy though its loops run
         self._info = info  # what `watcher healthcheck` needs: the clamd address, the timeout
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -124,6 +141,7 @@ class Heartbeat:
             "pid": os.getpid(),
             "at": datetime.now(UTC).isoformat(timespec="seconds"),
             "interval_s": self.interval_s,
+            "problems": self._problems(),
             **self._info,
         }
         write_json_atomic(self.path, json.dumps(body).encode(), mode=0o644)

@@ -2,7 +2,8 @@
 
 It reads ``<state_dir>/heartbeat.json``, which the daemon rewrites every few seconds while
 its loops are alive and which names the clamd the daemon uses, checks that the daemon's pid
-is alive and the heartbeat is fresh, then sends clamd a PING with a short timeout. It loads
+is alive and the heartbeat is fresh and names no problem (`problems`: a destination refusing
+deliveries, clamd failing its canaries), then sends clamd a PING with a short timeout. It loads
 no settings model: the state directory comes from WATCHER_STATE_DIR, else ``state_dir`` in
 the WATCHER_CONFIG file, else the default. Exit 0 healthy, 1 not, with one line saying why.
 """
@@ -58,6 +59,10 @@ def check(state: Path, now: float | None = None) -> tuple[bool, str]:
     limit_s = HEARTBEAT_MISSES * interval_s + 1
     if age_s > limit_s:
         return False, f"daemon stuck: last heartbeat {age_s:.0f}s ago (limit {limit_s:.0f}s)"
+    problems = beat.get("problems")
+    if isinstance(problems, dict) and problems:
+        listed = "; ".join(f"{k}: {v}" for k, v in sorted(problems.items()))
+        return False, f"daemon pid {pid} alive but unhealthy: {listed}"
     clamd = beat.get("clamd")
     if not clamd:
         return True, f"ok: daemon pid {pid} alive; scanning disabled, clamd not checked"

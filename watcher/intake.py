@@ -30,7 +30,15 @@ from watchdog.events import (
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
-from watcher.fsops import relative_to, writer_active
+from watcher.fsops import (
+    lstat_beneath,
+    open_beneath,
+    open_parent,
+    open_root,
+    relative_to,
+    split_rel,
+    writer_active,
+)
 from watcher.inotify import IntakeObserver
 
 Offer = Callable[[Path], bool]
@@ -49,6 +57,8 @@ class Intake:
         polling: bool = False,
         poll_interval_s: float = 2.0,
         skip_dirs: tuple[Path, ...] = (),
+        skip_identity: Callable[[], tuple[int, int] | None] = lambda: None,
+        max_depth: int = 64,
         after_full_sweep: Callable[[], None] | None = None,
     ) -> None:
         self.uploads_dir = uploads_dir
@@ -62,6 +72,8 @@ class Intake:
         self._polling = polling
         self._poll_interval_s = poll_interval_s
         self._skip = {str(p) for p in skip_dirs}
+        self._skip_identity = skip_identity  # our staging directory, wherever it was renamed
+        self.max_depth = max_depth
         self._pending: dict[str, tuple[int, int, float]] = {}
         self._cond = threading.Condition()
         self._sweep_requests: set[Path] = set()
@@ -78,7 +90,9 @@ class Intake:
         observer: BaseObserver = (
             PollingObserver(timeout=self._poll_interval_s)
             if self._polling
-            else IntakeObserver(tuple(self._skip), self._file_event, self._events_lost)
+            else IntakeObserver(
+                self._skip_watch, self.max_depth, self._file_event, self._events_lost
+            )
         )
         observer.schedule(
             _Handler(self, tuple(self._skip)),
@@ -106,8 +120,26 @@ class Intake:
             thread.join(timeout=5)
 
     def alive(self) -> bool:
-        observer_ok = self._observer is not None and self._observer.is_alive()
+        observer = self._observer
+        if isinstance(observer, IntakeObserver):
+            observer_ok = observer.alive()
+        else:
+            observer_ok = observer is not None and observer.is_alive()
         return observer_ok and all(t.is_alive() for t in self._threads)
+
+    def _skip_watch(self, path: bytes) -> bool:
+        """Never watch our staging directory (by name, or by identity if it was renamed)."""
+        decoded = os.fsdecode(path)
+        if any(decoded == p or decoded.startswith(p + os.sep) for p in self._skip):
+            return True
+        identity = self._skip_identity()
+        if identity is None:
+            return False
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == identity
 
     def request_sweep(self, directory: Path | None = None) -> None:
         with self._cond:
@@ -135,11 +167,45 @@ class Intake:
         if not complete and str(path) in self._pending:
             self._watch(path)  # already waiting to settle: just note its size
             return
-        active = writer_active(path)
+        active = self._writer_active(path)
         if active is False or (complete and active is None):
             self._ready(path)
         else:
             self._watch(path)
+
+    def _parent(self, path: Path) -> tuple[int, str] | None:
+        """(fd of the directory holding `path`, its name), walked from the uploads root
+        without following a symlink; None where that cannot be done (the pipeline decides)."""
+        rel = relative_to(path, self.uploads_dir)
+        try:
+            parts = split_rel(rel or "")
+            if len(parts) > self.max_depth:
+                return None
+            return open_parent(self.uploads_dir, parts), parts[-1]
+        except (OSError, ValueError):
+            return None
+
+    def _writer_active(self, path: Path) -> bool | None:
+        parent = self._parent(path)
+        if parent is None:
+            return None
+        fd, name = parent
+        try:
+            return writer_active(fd, name)
+        finally:
+            os.close(fd)
+
+    def _lstat(self, path: Path) -> os.stat_result | None:
+        parent = self._parent(path)
+        if parent is None:
+            return None
+        fd, name = parent
+        try:
+            return os.stat(name, dir_fd=fd, follow_symlinks=False)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
 
     def ignored(self, path: Path) -> bool:
         rel = relative_to(path, self.uploads_dir)
@@ -157,9 +223,9 @@ class Intake:
             self._sweep_due.set()
 
     def _watch(self, path: Path) -> None:
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
+        st = self._lstat(path)
+        if st is None:
+            self._ready(path)  # unreachable or too deep: the pipeline says why, once
             return
         with self._cond:
             key = str(path)
@@ -179,16 +245,15 @@ class Intake:
             self._stopping.wait(min(self._settle_s / 4, 0.5))
 
     def _check_settled(self, path: Path, size: int, mtime_ns: int, since: float) -> None:
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
+        st = self._lstat(path)
+        if st is None:
             with self._cond:
                 self._pending.pop(str(path), None)
             return
         if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
             self._watch(path)
             return
-        active = writer_active(path)
+        active = self._writer_active(path)
         if active is False or (active is None and time.monotonic() - since >= self._settle_s):
             self._ready(path)
 
@@ -224,7 +289,7 @@ class Intake:
     def _sweep(self, root: Path) -> None:
         found = 0
         now_ns = time.time_ns()
-        for path, st in self._walk(root):
+        for path, st in self.walk(root):
             if self._overflowed.is_set():
                 break  # the queue is full: the rest waits for the next sweep
             found += 1
@@ -238,29 +303,67 @@ class Intake:
         self.sweeps += 1
         logger.bind(event="intake.swept", root=str(root), files=found).debug("swept")
 
-    def _walk(self, root: Path) -> Iterator[tuple[Path, os.stat_result]]:
-        stack = [root]
-        while stack:
-            directory = stack.pop()
-            try:
-                entries = os.scandir(directory)
-            except (FileNotFoundError, NotADirectoryError, PermissionError):
-                continue
-            # Read as we go, not listed first: a sweep after a burst stops at the first file
-            # the queue has no room for, and a list of every entry of a 50,000-file directory
-            # was most of the daemon's peak memory.
-            with entries:
+    def walk(self, root: Path | None = None) -> Iterator[tuple[Path, os.stat_result]]:
+        """Every entry below `root` (default: uploads) that is not a directory, and each
+        directory at the depth limit (what it holds is too deep); with its lstat.
+
+        Without recursion, one directory at a time from the uploads root, never through a
+        symlink (each directory is opened with O_NOFOLLOW below its parent's fd), never into
+        our staging directory, ignored names left out. Directories are read as we go, not
+        listed first: a sweep after a burst stops at the first file the queue has no room
+        for, and a list of every entry of a 50,000-file directory was most of the daemon's
+        peak memory.
+        """
+        start = relative_to(root, self.uploads_dir) if root and root != self.uploads_dir else ""
+        if start is None:
+            return
+        try:
+            uploads_fd = open_root(self.uploads_dir)
+        except OSError:
+            return
+        try:
+            stack = [start]
+            while stack:
+                rel_dir = stack.pop()
+                yield from self._walk_dir(uploads_fd, rel_dir, stack)
+        finally:
+            os.close(uploads_fd)
+
+    def _walk_dir(
+        self, uploads_fd: int, rel_dir: str, stack: list[str]
+    ) -> Iterator[tuple[Path, os.stat_result]]:
+        try:
+            parts = split_rel(rel_dir) if rel_dir else []
+            if any(self._ignore.match(p) for p in parts):
+                return
+            if len(parts) >= self.max_depth:  # a sweep asked for at the limit: not read
+                yield Path(self.uploads_dir, rel_dir), lstat_beneath(uploads_fd, parts)
+                return
+            dir_fd = open_beneath(uploads_fd, parts)
+        except (OSError, ValueError):
+            return  # gone, swapped for a symlink, or not ours to read
+        try:
+            skip = self._skip_identity()
+            depth = len(parts) + 1  # of the entries in this directory
+            dev = os.fstat(dir_fd).st_dev
+            with os.scandir(dir_fd) as entries:
                 for entry in entries:
-                    path = Path(entry.path)
-                    if entry.path in self._skip or self.ignored(path):
+                    if self._ignore.match(entry.name):
                         continue
+                    rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+                    path = Path(self.uploads_dir, rel)
                     try:
                         if entry.is_dir(follow_symlinks=False):
-                            stack.append(path)
-                        else:
-                            yield path, entry.stat(follow_symlinks=False)
+                            if (dev, entry.inode()) == skip or str(path) in self._skip:
+                                continue
+                            if depth < self.max_depth:
+                                stack.append(rel)
+                                continue
+                        yield path, entry.stat(follow_symlinks=False)
                     except FileNotFoundError:
                         continue
+        finally:
+            os.close(dir_fd)
 
 
 # Only what can announce a new file. Opens, reads, modifications and deletions are left out of

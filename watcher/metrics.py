@@ -9,6 +9,7 @@ the daemon when scraped.
 from __future__ import annotations
 
 import os
+import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
@@ -21,6 +22,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from watcher.pipeline import Outcome, Result
+from watcher.verdict import CAUSES
 
 if TYPE_CHECKING:
     from watcher.daemon import Daemon
@@ -35,6 +37,8 @@ ALERTED_EVENTS = (
     ("file.infected_late", "ERROR"),
     ("file.unscannable", "ERROR"),
     ("clamd.down", "ERROR"),
+    ("delivery.failing", "ERROR"),
+    ("clamd.untrusted", "ERROR"),
     ("definitions.update_failed", "ERROR"),
     ("job.failed", "ERROR"),
     ("quarantine.near_full", "WARNING"),
@@ -50,6 +54,12 @@ class Metrics:
         )
         for verdict in VERDICTS:
             self.files.labels(verdict)
+        self.unscannable = Counter(
+            "watcher_unscannable", "Unscannable files (quarantined or held) by cause.", ["cause"],
+            registry=self.registry,
+        )  # fmt: skip
+        for cause in CAUSES:
+            self.unscannable.labels(cause)
         self.scan_duration = Histogram(
             "watcher_scan_duration_seconds",
             "Time from claim to delivery of a scanned file (scan, checks, move).",
@@ -78,6 +88,8 @@ class Metrics:
         if result.outcome is Outcome.GONE or result.fields.get("repeat"):
             return
         self.files.labels(_VERDICT_OF.get(result.outcome, result.outcome.value)).inc()
+        if result.cause is not None:
+            self.unscannable.labels(result.cause).inc()
         if result.outcome in _SCANNED:
             self.scan_duration.observe(result.duration_ms / 1000)
 
@@ -103,8 +115,13 @@ class _DaemonCollector(Collector):
         s = d.settings
         now = time.time()
         yield _gauge("watcher_queue_depth", "Files waiting in the in-memory queue.", len(d.queue))
+        yield _gauge(
+            "watcher_delivery_failing",
+            "Destinations (processed, quarantine) refusing deliveries right now; files wait.",
+            len(d.destinations.failing()),
+        )
         yield _gauge("watcher_in_flight", "Files being scanned or delivered now.", d.in_flight)
-        oldest = oldest_pending_s(s.uploads_dir, s.staging_root, d.intake.ignored, now)
+        oldest = oldest_pending_s(d.intake.walk(), s.staging_root, now)
         yield _gauge(
             "watcher_oldest_pending_seconds",
             "Age of the oldest file not yet delivered (in uploads or claimed); 0 if none.",
@@ -112,6 +129,10 @@ class _DaemonCollector(Collector):
         )
         clamd_up = s.scanning_enabled and self._probe_clamd() is None
         yield _gauge("watcher_clamd_up", "1 if clamd answers PING.", 1 if clamd_up else 0)
+        trusted = d.clamd_check.trusted.is_set()
+        yield _gauge(
+            "watcher_clamd_trusted", "1 if clamd answered its canaries right.", 1 if trusted else 0
+        )
         yield self._definitions_age(now)
         yield _gauge(
             "watcher_definitions_stale", "1 if the loaded definitions are stale.",
@@ -186,20 +207,13 @@ def quarantine_usage(quarantine_dir: Path) -> tuple[int, int]:
 
 
 def oldest_pending_s(
-    uploads_dir: Path, staging_root: Path, ignored: Callable[[Path], bool], now: float
+    uploads: Iterable[tuple[Path, os.stat_result]], staging_root: Path, now: float
 ) -> float:
     """Seconds since the oldest waiting file arrived (its ctime: a rename or link counts)."""
     oldest = now
-    skip = str(staging_root)
-    for dirpath, dirnames, filenames in os.walk(uploads_dir):
-        dirnames[:] = [
-            d for d in dirnames
-            if os.path.join(dirpath, d) != skip and not ignored(Path(dirpath, d))
-        ]  # fmt: skip
-        for name in filenames:
-            path = Path(dirpath, name)
-            if not ignored(path):
-                oldest = min(oldest, _ctime(path, now))
+    for _, st in uploads:
+        if stat.S_ISREG(st.st_mode):
+            oldest = min(oldest, st.st_ctime)
     for claim in staging_root.glob("d-*/*.data"):
         oldest = min(oldest, _ctime(claim, now, delivered_links=True))
     return max(0.0, now - oldest)

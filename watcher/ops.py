@@ -5,6 +5,7 @@ Owned by the daemon (`Daemon.ops`), started after the workers and closed after t
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -35,8 +36,10 @@ class Operations:
         clamd = clamd or f"{s.clamav_host}:{s.clamav_port}"
         self.heartbeat = Heartbeat(
             s.state_dir / HEARTBEAT_FILE, s.heartbeat_interval_s, daemon.alive,
+            problems=self.problems,
             clamd=clamd if s.scanning_enabled else None, probe_timeout_s=s.probe_timeout_s,
         )  # fmt: skip
+        daemon.clamd_check.listeners.append(self._beat_now)
         self.server: HttpServer | None = None
         daemon.add_listener(self.metrics.observe)  # first: a verdict seen is already counted
         daemon.add_listener(self.verdicts.record)
@@ -72,6 +75,19 @@ class Operations:
         if self.server is not None:
             self.server.close()
         self.metrics.stop()
+
+    def problems(self) -> dict[str, str]:
+        """What makes the daemon unhealthy though its loops run (for `watcher healthcheck`)."""
+        found = dict(self.daemon.destinations.failing())
+        if self.daemon.clamd_check.problem:
+            found["clamd canaries"] = self.daemon.clamd_check.problem
+        return found
+
+    def _beat_now(self) -> None:
+        """clamd's trust changed: `watcher healthcheck` should know before the next beat."""
+        if self.heartbeat.path.parent.is_dir():
+            with contextlib.suppress(OSError):
+                self.heartbeat.beat()
 
     # -- api.Backend --------------------------------------------------------------------
 

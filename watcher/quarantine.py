@@ -2,15 +2,14 @@
 
 An entry is ``<quarantine>/<id>`` (the bytes, mode 0400) beside ``<id>.json`` (its metadata).
 Restore checks the bytes still match the recorded sha256, adds that sha256 to the allowlist
-(so the same file arriving again is delivered, logged `file.allowlisted`), moves the bytes
-under their original relative path into the target directory without overwriting (a taken
-name gets `` (1)``), and records `restored_at` / `restored_to` in the metadata. A stored path
-that is absolute, holds ``..`` or would leave the target directory through a symlink is refused.
+(so the same file arriving again is delivered, logged `file.allowlisted`) once the bytes are
+back under their original relative path in the target directory (no overwriting: a taken name
+gets `` (1)``; across mounts by a copy), and records `restored_at` / `restored_to` in the
+metadata. A stored path that is absolute, holds ``..`` or leads through a symlink is refused.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import re
@@ -25,10 +24,11 @@ from loguru import logger
 from watcher.allowlist import Allowlist
 from watcher.errors import EntryNotFound, QuarantineError
 from watcher.fsops import (
-    copy_fd_to_new_file,
     fsync_dir,
+    make_dirs_beneath,
     noclobber_names,
-    rename_noreplace,
+    open_root,
+    place_noclobber,
     sha256_fd,
     write_json_atomic,
 )
@@ -94,10 +94,10 @@ class Quarantine:
             raise QuarantineError(f"{entry_id} is {entry.state} {where}".rstrip())
         if not target_dir.is_dir():
             raise QuarantineError(f"target directory does not exist: {target_dir}")
-        dest = safe_destination(target_dir, entry.meta.get("original_path"))
+        parts = safe_parts(target_dir, entry.meta.get("original_path"))
         when = (now or datetime.now(UTC)).isoformat()
         try:
-            restored, sha = self._restore(entry, dest, target_dir, when)
+            restored, sha = self._restore(entry, parts, target_dir, when)
         except OSError as err:
             raise QuarantineError(f"{entry_id}: restore failed: {err}") from err
         logger.bind(
@@ -106,27 +106,33 @@ class Quarantine:
         ).warning("restored from quarantine; sha256 allowlisted")  # fmt: skip
         return restored
 
-    def _restore(self, entry: Entry, dest: Path, target_dir: Path, when: str) -> tuple[Path, str]:
-        entry_id = entry.id
-        fd = os.open(entry.data, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    def _restore(
+        self, entry: Entry, parts: list[str], target_dir: Path, when: str
+    ) -> tuple[Path, str]:
+        qdir = open_root(self.directory)
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise QuarantineError(f"{entry.data} is not a regular file")
-            sha = sha256_fd(fd)
-            if sha != entry.meta.get("sha256"):
-                raise QuarantineError(f"{entry_id}: bytes do not match the recorded sha256")
+            fd = os.open(entry.id, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=qdir)
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise QuarantineError(f"{entry.data} is not a regular file")
+                sha = sha256_fd(fd)
+                if sha != entry.meta.get("sha256"):
+                    raise QuarantineError(f"{entry.id}: bytes do not match the recorded sha256")
+                restored = self._move(entry, qdir, fd, target_dir, parts)
+            finally:
+                os.close(fd)
+            # Only now that the bytes are back: a restore that failed allowlists nothing.
             self.allowlist.add(
-                sha, quarantine_id=entry_id, original_path=entry.meta.get("original_path"),
+                sha, quarantine_id=entry.id, original_path=entry.meta.get("original_path"),
                 signature=entry.meta.get("signature"), allowlisted_at=when,
             )  # fmt: skip
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            safe_destination(target_dir, entry.meta.get("original_path"))  # parents now exist
-            restored = self._move(entry, fd, dest)
+            meta = {**entry.meta, "restored_at": when, "restored_to": str(restored)}
+            write_json_atomic(
+                Path(f"{entry.id}.json"), json.dumps(meta, indent=1).encode(), dir_fd=qdir
+            )
+            os.fsync(qdir)
         finally:
-            os.close(fd)
-        meta = {**entry.meta, "restored_at": when, "restored_to": str(restored)}
-        write_json_atomic(self.directory / f"{entry_id}.json", json.dumps(meta, indent=1).encode())
-        fsync_dir(self.directory)
+            os.close(qdir)
         return restored, sha
 
     def delete(self, entry_id: str) -> Entry:
@@ -144,31 +150,33 @@ class Quarantine:
         ).info("deleted from quarantine")  # fmt: skip
         return entry
 
-    def _move(self, entry: Entry, fd: int, dest: Path) -> Path:
-        """No-clobber: rename within a filesystem; across, copy + fsync + rename, then unlink."""
-        names = noclobber_names(dest.name)
-        same_fs = os.fstat(fd).st_dev == os.stat(dest.parent).st_dev
-        source = entry.data
-        if not same_fs:
-            source = dest.parent / f".watcher-restore-{entry.id}.tmp"
-            source.unlink(missing_ok=True)  # left by an earlier attempt cut short
-            copy_fd_to_new_file(fd, source, RESTORED_FILE_MODE)
-        for n in itertools.count():
-            candidate = dest.parent / names(n)
-            try:
-                rename_noreplace(source, candidate)
-            except FileExistsError:
-                continue
-            break
-        os.chmod(candidate, RESTORED_FILE_MODE)
-        fsync_dir(dest.parent)
-        if not same_fs:
-            entry.data.unlink()
-        return candidate
+    def _move(self, entry: Entry, qdir: int, fd: int, target_dir: Path, parts: list[str]) -> Path:
+        """No-clobber, never through a symlink in the target; across mounts by a copy."""
+        root = open_root(target_dir)
+        try:
+            parent, _ = make_dirs_beneath(root, parts[:-1], 0o777, rename_clashes=False)
+        except NotADirectoryError:
+            raise QuarantineError(
+                f"refusing to restore: stored path {entry.meta.get('original_path')!r} leads "
+                f"through a symlink or a file (it must stay inside {target_dir})"
+            ) from None
+        finally:
+            os.close(root)
+        try:
+            name, _ = place_noclobber(
+                qdir, entry.id, fd, parent, noclobber_names(parts[-1]),
+                tmp_name=f".watcher-restore-{entry.id}.tmp", mode=RESTORED_FILE_MODE,
+            )  # fmt: skip
+            os.chmod(name, RESTORED_FILE_MODE, dir_fd=parent, follow_symlinks=False)
+            os.fsync(parent)
+        finally:
+            os.close(parent)
+        os.unlink(entry.id, dir_fd=qdir)  # the restored name is durable: drop this one
+        return target_dir.joinpath(*parts[:-1], name)
 
 
-def safe_destination(target_dir: Path, original_path: object) -> Path:
-    """``target_dir / original_path``, or QuarantineError when that would leave target_dir."""
+def safe_parts(target_dir: Path, original_path: object) -> list[str]:
+    """The stored path as components below `target_dir`, or QuarantineError if it climbs out."""
     if not isinstance(original_path, str) or not original_path.strip("/"):
         raise QuarantineError(f"no usable original path recorded: {original_path!r}")
     problem = None
@@ -179,15 +187,10 @@ def safe_destination(target_dir: Path, original_path: object) -> Path:
     elif ".." in original_path.split("/"):
         problem = "holds '..'"
     if problem is None:
-        dest = target_dir / os.path.normpath(original_path)
-        root = os.path.realpath(target_dir)
-        ancestor = dest.parent
-        while not os.path.lexists(ancestor):
-            ancestor = ancestor.parent
-        real = os.path.realpath(ancestor)
-        if real == root or real.startswith(root + os.sep):
-            return dest
-        problem = "leads through a symlink out of it"
+        parts = [p for p in original_path.split("/") if p not in ("", ".")]
+        if parts:
+            return parts
+        problem = "is empty"
     raise QuarantineError(
         f"refusing to restore: stored path {original_path!r} {problem} "
         f"(it must stay inside {target_dir})"

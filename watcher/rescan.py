@@ -26,8 +26,9 @@ from watcher.deliver import QUARANTINE_FILE_MODE
 from watcher.deliveries import Delivery, DeliveryLog
 from watcher.fsops import (
     OPEN_UPLOAD_FLAGS,
-    copy_fd_to_new_file,
+    copy_to_new_file,
     fsync_dir,
+    open_root,
     sha256_fd,
     write_json_atomic,
 )
@@ -148,24 +149,30 @@ def _move_out(path: Path, fd: int, st: os.stat_result, target: Path) -> bool | N
     """Give the delivered file `target`'s name, then drop its processed name.
 
     Returns whether processed lost the file (False: the app took it meanwhile), or None when
-    the name in processed no longer holds the file we scanned (nothing moved).
+    the name in processed no longer holds the file we scanned (nothing moved). Between two
+    mounts (EXDEV, whatever st_dev says) the quarantine gets a copy.
     """
-    same_fs = st.st_dev == os.stat(target.parent).st_dev
-    if same_fs:
+    qdir = open_root(target.parent)
+    try:
         try:
-            os.link(path, target, follow_symlinks=False)
+            os.link(path, target.name, dst_dir_fd=qdir, follow_symlinks=False)
         except FileNotFoundError:
             return None
-        linked = os.lstat(target)
-        if (linked.st_dev, linked.st_ino) != (st.st_dev, st.st_ino):  # replaced under us
-            os.unlink(target)
-            return None
-        os.fchmod(fd, QUARANTINE_FILE_MODE)
-    else:
-        tmp = target.with_name(f".{target.name}.tmp")
-        copy_fd_to_new_file(fd, tmp, QUARANTINE_FILE_MODE)
-        os.rename(tmp, target)  # tmp and target are ours: generated, unique names
-    fsync_dir(target.parent)
+        except OSError as err:
+            if err.errno not in (errno.EXDEV, errno.EPERM):
+                raise
+            tmp = f".{target.name}.tmp"
+            copy_to_new_file(fd, qdir, tmp, QUARANTINE_FILE_MODE)
+            os.rename(tmp, target.name, src_dir_fd=qdir, dst_dir_fd=qdir)  # ours: unique names
+        else:
+            linked = os.stat(target.name, dir_fd=qdir, follow_symlinks=False)
+            if (linked.st_dev, linked.st_ino) != (st.st_dev, st.st_ino):  # replaced under us
+                os.unlink(target.name, dir_fd=qdir)
+                return None
+            os.fchmod(fd, QUARANTINE_FILE_MODE)
+        os.fsync(qdir)
+    finally:
+        os.close(qdir)
     try:
         current = os.lstat(path)
     except FileNotFoundError:

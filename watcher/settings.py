@@ -54,8 +54,12 @@ def parse_size_bytes(value: Any) -> Any:
     return value
 
 
-Seconds = Annotated[float, BeforeValidator(parse_duration_s), Field(gt=0)]
-Bytes = Annotated[int, BeforeValidator(parse_size_bytes), Field(gt=0)]
+# Every duration and size has an upper bound: an absurd value is an error at start, not an
+# OverflowError in a thread's wait later (which would silently stop that thread).
+HOUR, DAY, YEAR = 3600.0, 86400.0, 365 * 86400.0
+Seconds = Annotated[float, BeforeValidator(parse_duration_s), Field(gt=0, le=DAY)]
+LongSeconds = Annotated[float, BeforeValidator(parse_duration_s), Field(gt=0, le=10 * YEAR)]
+Bytes = Annotated[int, BeforeValidator(parse_size_bytes), Field(gt=0, le=2**50)]
 
 DEFAULT_IGNORE = (".*", "*.part", "*.tmp", "*.crdownload", "*~")
 
@@ -90,7 +94,7 @@ class Settings(BaseSettings):
     log_level: Literal["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     workers: int = Field(0, ge=0, le=256)  # 0: as many as clamd has threads
-    queue_size: int = Field(4096, ge=16)
+    queue_size: int = Field(4096, ge=16, le=1_000_000)
     observer: Literal["inotify", "polling"] = "inotify"
     poll_interval_s: Seconds = 2.0
     settle_s: Seconds = 2.0
@@ -100,17 +104,31 @@ class Settings(BaseSettings):
     unscannable_policy: Literal["quarantine", "hold"] = "quarantine"
     scan_timeout_s: Seconds = 120.0
     connect_timeout_s: Seconds = 5.0
-    max_scan_attempts: int = Field(5, ge=1)
+    max_scan_attempts: int = Field(5, ge=1, le=100)
     retry_max_backoff_s: Seconds = 30.0
-    shutdown_grace_s: Seconds = 30.0
+    shutdown_grace_s: Seconds = Field(30.0, le=HOUR)
+    # Entries more than this many levels below uploads (a file at the top is level 1) are
+    # rejected once; nothing deeper is watched or swept.
+    max_depth: int = Field(64, ge=1, le=1000)
+
+    # Archives clamd cannot read (watcher/archives.py). Limits match clamd's defaults
+    # (MaxFileSize, MaxScanSize, MaxFiles, MaxRecursion): keep them equal to your clamd.conf.
+    archive_inspection: bool = True  # False reopens clamd's blind spots: for measuring only
+    accept_encrypted: bool = False  # True: encrypted ZIP/7z members are delivered unread
+    archive_max_member_bytes: Bytes = 100 * 1024 * 1024
+    archive_max_scan_bytes: Bytes = 400 * 1024 * 1024
+    archive_max_files: int = Field(10_000, ge=1, le=1_000_000)
+    archive_max_depth: int = Field(17, ge=2, le=64)
+    archive_max_ratio: int = Field(250, ge=10, le=100_000)
+    canary_interval_s: Seconds = 300.0  # clamd's canaries again, besides at start and reloads
 
     # Operations surface: HTTP (health, readiness, metrics, verdicts), heartbeat, probes.
     http_addr: str = "127.0.0.1:9090"  # "host:port", "[::1]:port"; "" or "off" disables HTTP
-    http_max_wait_s: Seconds = 60.0  # upper bound of GET /v1/files/<path>?wait=SECONDS
+    http_max_wait_s: Seconds = Field(60.0, le=HOUR)  # bound of GET /v1/files/<path>?wait=S
     http_max_connections: int = Field(128, ge=8, le=65536)  # client sockets open at once
     http_max_waiters: int = Field(64, ge=1, le=65536)  # requests held on ?wait at once
     http_header_timeout_s: Seconds = Field(5.0, le=300)  # to send a head; to read an answer
-    verdict_memory: int = Field(10_000, ge=1)  # final verdicts kept for the lookup
+    verdict_memory: int = Field(10_000, ge=1, le=10_000_000)  # final verdicts kept
     heartbeat_interval_s: Seconds = 5.0  # the daemon touches <state_dir>/heartbeat.json
     probe_timeout_s: Seconds = 0.5  # clamd PING by /readyz, /metrics and `watcher healthcheck`
 
@@ -156,13 +174,13 @@ class Settings(BaseSettings):
         return self.uploads_dir / ".watcher"
 
     # Scheduled jobs (see README). Durations accept "90m", "4h", "30d"; sizes "100M", "2G".
-    update_interval: Seconds = 4 * 3600.0  # the ClamAV mirrors rate-limit: keep >= 1h
+    update_interval: LongSeconds = Field(4 * 3600.0, le=30 * DAY)  # mirrors rate-limit: >= 1h
     update_command: str = "freshclam --config-file=/etc/clamav/freshclam.conf"  # "": no updates
     update_timeout: Seconds = 900.0
     definitions_dir: Path = Path("/var/lib/clamav")  # clamd's DatabaseDirectory
-    definitions_max_age: Seconds = 48 * 3600.0
-    rescan_window: Seconds = 24 * 3600.0
-    quarantine_retention: Seconds = 30 * 86400.0
+    definitions_max_age: LongSeconds = Field(48 * 3600.0, le=YEAR)
+    rescan_window: LongSeconds = Field(24 * 3600.0, le=30 * DAY)
+    quarantine_retention: LongSeconds = 30 * 86400.0
     quarantine_max_bytes: Bytes | None = None  # None: no size cap, only the retention
 
     @field_validator("update_command")
@@ -192,6 +210,30 @@ def load_settings(**overrides: Any) -> Settings:
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from err
     except ValueError as err:  # TOML syntax errors arrive as plain ValueErrors
         raise ConfigError(f"invalid configuration: {err}") from err
+
+
+def check_disjoint(settings: Settings) -> None:
+    """The four directories must not contain one another (once symlinks are resolved): a
+    quarantine inside uploads would be scanned again, processed inside it delivered again."""
+    named = {
+        "WATCHER_UPLOADS_DIR": settings.uploads_dir,
+        "WATCHER_PROCESSED_DIR": settings.processed_dir,
+        "WATCHER_QUARANTINE_DIR": settings.quarantine_dir,
+        "WATCHER_STATE_DIR": settings.state_dir,
+    }
+    real = {name: os.path.realpath(path) for name, path in named.items()}
+    names = list(real)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            if _within(real[a], real[b]) or _within(real[b], real[a]):
+                raise ConfigError(
+                    f"{a} ({named[a]}) and {b} ({named[b]}) overlap: the uploads, processed, "
+                    "quarantine and state directories must not contain one another"
+                )
+
+
+def _within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
 def _env_name(field: str) -> str:

@@ -17,6 +17,7 @@ uploads volume never process the same claim; a dead daemon's directory is adopte
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -30,9 +31,20 @@ from typing import Any
 
 from loguru import logger
 
-from watcher.fsops import rename_noreplace
+from watcher.errors import StorageError
+from watcher.fsops import (
+    DIR_FLAGS,
+    OPEN_UPLOAD_FLAGS,
+    copy_to_new_file,
+    open_beneath,
+    open_root,
+    rename_noreplace,
+    split_rel,
+    write_json_atomic,
+)
 
 _DATA = ".data"
+HELD = "held"
 _SEGMENT = "journal-"
 SEGMENT_BYTES = 1024 * 1024
 
@@ -51,22 +63,29 @@ class Claim:
     segment: int = 0
     dest: str | None = None  # noted before a delivery step that is not one atomic rename
     attempts: int = 0  # scans that failed for a passing cause
-    errors: int = 0  # unexpected filesystem errors in a row
+    errors: int = 0  # failures to read it (or to deliver it, for a cause bound to the file)
+    delivery_failures: int = 0  # a destination refused it, in a row
+
+    @property
+    def name(self) -> str:
+        """The claim's file name in its staging directory."""
+        return self.data.name
 
 
 class Journal:
-    """Append-only JSON lines, in segments; thread-safe."""
+    """Append-only JSON lines, in segments, in a directory held open; thread-safe."""
 
-    def __init__(self, directory: Path) -> None:
-        self.dir = directory
+    def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._dir_fd = -1
         self._fd = -1
         self._segment = 0
         self._size = 0
         self._outstanding: dict[int, int] = {}
 
-    def open(self) -> None:
+    def open(self, dir_fd: int) -> None:
         with self._lock:
+            self._dir_fd = dir_fd
             self._rotate()
 
     def close(self) -> None:
@@ -75,7 +94,7 @@ class Journal:
                 os.close(self._fd)
                 self._fd = -1
             if not self._outstanding.get(self._segment):
-                self._path(self._segment).unlink(missing_ok=True)
+                self._unlink(self._segment)
 
     def claim(self, claim: Claim) -> None:
         line = {"id": claim.id, "rel": claim.rel, "at": claim.claimed_at}
@@ -98,14 +117,17 @@ class Journal:
                 self._outstanding[claim.segment] = max(left, 0)
                 return
             self._outstanding.pop(claim.segment, None)
-            self._path(claim.segment).unlink(missing_ok=True)
+            self._unlink(claim.segment)
 
     @staticmethod
-    def read(directory: Path) -> dict[str, dict[str, Any]]:
+    def read(dir_fd: int) -> dict[str, dict[str, Any]]:
         """Every claim announced in a directory's segments, later lines updating earlier ones."""
         entries: dict[str, dict[str, Any]] = {}
-        for segment in sorted(directory.glob(f"{_SEGMENT}*")):
-            for line in segment.read_bytes().splitlines():
+        for segment in sorted(n for n in os.listdir(dir_fd) if n.startswith(_SEGMENT)):
+            fd = os.open(segment, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            with os.fdopen(fd, "rb") as f:
+                data = f.read()
+            for line in data.splitlines():
                 try:
                     fields = json.loads(line)
                     entries.setdefault(fields["id"], {}).update(fields)
@@ -123,73 +145,125 @@ class Journal:
             os.close(self._fd)
             if not self._outstanding.get(self._segment):
                 self._outstanding.pop(self._segment, None)
-                self._path(self._segment).unlink(missing_ok=True)
+                self._unlink(self._segment)
         self._segment += 1
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
-        self._fd = os.open(self._path(self._segment), flags, 0o600)
+        self._fd = os.open(self._name(self._segment), flags, 0o600, dir_fd=self._dir_fd)
         self._size = 0
 
-    def _path(self, segment: int) -> Path:
-        return self.dir / f"{_SEGMENT}{segment:06}"
+    def _unlink(self, segment: int) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._name(segment), dir_fd=self._dir_fd)
+
+    @staticmethod
+    def _name(segment: int) -> str:
+        return f"{_SEGMENT}{segment:06}"
 
 
 class Staging:
-    """This daemon's claim directory under ``<uploads>/.watcher/``."""
+    """This daemon's claim directory under ``<uploads>/.watcher/``, held open by fd.
+
+    ``.watcher`` is made (and found again) without following a link: a symlink, a file or a
+    directory of another owner planted under that name is moved aside, never used.
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.dir = root / f"d-{os.getpid()}-{secrets.token_hex(4)}"
-        self.held_dir = root / "held"
-        self.journal = Journal(self.dir)
+        self.held_dir = root / HELD
+        self.journal = Journal()
+        self.root_fd = -1  # held open: if someone renames `.watcher`, we keep using ours
+        self.dir_fd = -1
         self._lock_fd: int | None = None
 
     def open(self) -> None:
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.root, 0o700)
-        self.held_dir.mkdir(mode=0o700, exist_ok=True)
+        uploads_fd = open_root(self.root.parent)
+        try:
+            self.root_fd = root_fd = private_dir(uploads_fd, self.root.name)
+        finally:
+            os.close(uploads_fd)
+        self.identity = _identity(os.fstat(root_fd))
+        os.close(private_dir(root_fd, HELD))
         # Locked under a name recovery ignores, then renamed: another daemon recovering at this
         # moment must never see (and adopt) a `d-*` directory that has no lock yet.
-        setting_up = self.root / f"t-{self.dir.name}"
-        setting_up.mkdir(mode=0o700)
-        self._lock_fd = os.open(setting_up / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        setting_up = f"t-{self.dir.name}"
+        os.mkdir(setting_up, 0o700, dir_fd=root_fd)
+        lock_flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        self._lock_fd = os.open(f"{setting_up}/lock", lock_flags, 0o600, dir_fd=root_fd)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        os.rename(setting_up, self.dir)
-        self.journal.open()
+        os.rename(setting_up, self.dir.name, src_dir_fd=root_fd, dst_dir_fd=root_fd)
+        self.dir_fd = os.open(self.dir.name, DIR_FLAGS, dir_fd=root_fd)
+        self.journal.open(self.dir_fd)
 
     def close(self) -> None:
         """Release our directory; an empty one is removed, a non-empty one is adopted later."""
         if self._lock_fd is None:
             return
         self.journal.close()
-        if not any(self.dir.glob(f"*{_DATA}")):
-            shutil.rmtree(self.dir, ignore_errors=True)
-        os.close(self._lock_fd)
+        if not any(n.endswith(_DATA) for n in os.listdir(self.dir_fd)):
+            shutil.rmtree(self.dir.name, dir_fd=self.root_fd, ignore_errors=True)
+        for fd in (self.dir_fd, self.root_fd, self._lock_fd):
+            os.close(fd)
+        self.dir_fd = self.root_fd = -1
         self._lock_fd = None
 
-    def claim(self, upload: Path, rel: str) -> Claim | None:
-        """Take ``upload`` for ourselves; None if someone else took it first."""
+    def claim(self, parent_fd: int, name: str, rel: str) -> Claim | None:
+        """Take ``name`` (in the uploads directory ``parent_fd``) for ourselves.
+
+        None if someone else took it first.
+        """
         claim_id = new_id()
         claim = Claim(claim_id, rel, self.dir / f"{claim_id}{_DATA}", time.time())
         self.journal.claim(claim)  # first: data without its journal line would lose its name
         try:
-            os.rename(upload, claim.data)
+            os.rename(name, claim.name, src_dir_fd=parent_fd, dst_dir_fd=self.dir_fd)
         except FileNotFoundError:
             self.journal.forget(claim)
             return None
         return claim
 
+    def open_claim(self, claim: Claim) -> int:
+        return os.open(claim.name, OPEN_UPLOAD_FLAGS, dir_fd=self.dir_fd)
+
+    def lstat_claim(self, claim: Claim) -> os.stat_result:
+        return os.stat(claim.name, dir_fd=self.dir_fd, follow_symlinks=False)
+
+    def privatize(self, claim: Claim, fd: int) -> int:
+        """Replace the claim's bytes by a copy only we hold; returns an fd of the copy.
+
+        For a file someone else may still write (an fd opened before we claimed it, a lease we
+        cannot take): from here on the claim is our own inode, and the uploader's is let go.
+        """
+        copy = f"{claim.id}.copy"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(copy, dir_fd=self.dir_fd)  # left by a crash mid-copy
+        copy_to_new_file(fd, self.dir_fd, copy, os.fstat(fd).st_mode & 0o777 | 0o600)
+        os.replace(copy, claim.name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+        return self.open_claim(claim)
+
+    def drop(self, claim: Claim) -> None:
+        """Remove the claim's staging name (its bytes have a durable name elsewhere)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(claim.name, dir_fd=self.dir_fd)
+        self.journal.forget(claim)
+
     def unclaim(self, claim: Claim, uploads_dir: Path) -> bool:
         """Put a claimed entry back under its name (for entries we must not touch)."""
         try:
-            rename_noreplace(claim.data, uploads_dir / claim.rel)
-        except OSError:
+            parts = split_rel(claim.rel)
+            uploads_fd = open_root(uploads_dir)
+            try:
+                parent = open_beneath(uploads_fd, parts[:-1])
+            finally:
+                os.close(uploads_fd)
+            try:
+                rename_noreplace(self.dir_fd, claim.name, parent, parts[-1])
+            finally:
+                os.close(parent)
+        except (OSError, ValueError):
             return False
         self.journal.forget(claim)
         return True
-
-    def release(self, claim: Claim) -> None:
-        """The claim is delivered (its staging name is gone): forget it."""
-        self.journal.forget(claim)
 
     def note_dest(self, claim: Claim, dest: str | Path) -> None:
         """Record the destination before the step that makes the file visible there."""
@@ -198,62 +272,80 @@ class Staging:
 
     def hold(self, claim: Claim) -> Path:
         """Park a claim that policy says to keep (not redone at start-up), with its name."""
-        target = self.held_dir / claim.data.name
         record = {"id": claim.id, "original_path": claim.rel, "claimed_at": claim.claimed_at}
-        (self.held_dir / f"{claim.id}.json").write_text(json.dumps(record))
-        os.rename(claim.data, target)
+        held_fd = os.open(HELD, DIR_FLAGS, dir_fd=self.root_fd)
+        try:
+            write_json_atomic(Path(f"{claim.id}.json"), json.dumps(record).encode(), dir_fd=held_fd)
+            rename_noreplace(self.dir_fd, claim.name, held_fd, claim.name)
+            os.fsync(held_fd)
+        finally:
+            os.close(held_fd)
         self.journal.forget(claim)
-        return target
+        return self.held_dir / claim.name
 
     def recover(self) -> list[Claim]:
         """Adopt every unlocked (dead) daemon's directory and return the claims to redo."""
         claims: list[Claim] = []
-        for other in sorted(self.root.glob("d-*")):
-            lock_fd = None if other == self.dir else self._lock_if_dead(other)
+        names = sorted(os.listdir(self.root_fd))
+        for name in names:
+            if not name.startswith("d-") or name == self.dir.name:
+                continue
+            lock_fd = self._lock_if_dead(name)
             if lock_fd is None:
                 continue
             try:
-                claims.extend(self._adopt(other))
-                shutil.rmtree(other, ignore_errors=True)
+                claims.extend(self._adopt(name))
+                shutil.rmtree(name, dir_fd=self.root_fd, ignore_errors=True)
             finally:
                 os.close(lock_fd)
-        for unfinished in self.root.glob("t-*"):  # a start cut short: never held a claim
-            if time.time() - unfinished.stat().st_mtime < 60:
-                continue  # perhaps a daemon starting right now
-            lock_fd = self._lock_if_dead(unfinished)
+        for name in names:  # a start cut short: never held a claim
+            if not name.startswith("t-") or name == f"t-{self.dir.name}":
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                mtime = os.stat(name, dir_fd=self.root_fd, follow_symlinks=False).st_mtime
+                if time.time() - mtime < 60:
+                    continue  # perhaps a daemon starting right now
+            lock_fd = self._lock_if_dead(name)
             if lock_fd is not None:
-                shutil.rmtree(unfinished, ignore_errors=True)
+                shutil.rmtree(name, dir_fd=self.root_fd, ignore_errors=True)
                 os.close(lock_fd)
         return claims
 
-    def _adopt(self, other: Path) -> list[Claim]:
+    def _adopt(self, name: str) -> list[Claim]:
         """Journal each leftover claim in our journal, then move its data to our directory."""
-        entries = Journal.read(other)
+        other_fd = os.open(name, DIR_FLAGS, dir_fd=self.root_fd)
+        try:
+            return self._adopt_from(other_fd)
+        finally:
+            os.close(other_fd)
+
+    def _adopt_from(self, other_fd: int) -> list[Claim]:
+        entries = Journal.read(other_fd)
         claims = []
-        for data in sorted(other.glob(f"*{_DATA}")):
-            claim_id = data.name.removesuffix(_DATA)
+        for data in sorted(n for n in os.listdir(other_fd) if n.endswith(_DATA)):
+            claim_id = data.removesuffix(_DATA)
             entry = entries.get(claim_id)
             if entry is None or "rel" not in entry:
                 # Data without its line can only follow a power loss: keep the bytes, not the name.
                 logger.bind(event="staging.unnamed", id=claim_id).warning("claim without a name")
                 entry = {"rel": f"recovered/{claim_id}", "at": time.time()}
-            claim = Claim(claim_id, entry["rel"], self.dir / data.name, entry["at"])
+            claim = Claim(claim_id, entry["rel"], self.dir / data, entry["at"])
             self.journal.claim(claim)
             if entry.get("dest"):
                 self.note_dest(claim, Path(entry["dest"]))
             try:
-                os.rename(data, claim.data)
+                os.rename(data, data, src_dir_fd=other_fd, dst_dir_fd=self.dir_fd)
             except FileNotFoundError:
                 self.journal.forget(claim)
                 continue
             claims.append(claim)
         return claims
 
-    @staticmethod
-    def _lock_if_dead(directory: Path) -> int | None:
+    def _lock_if_dead(self, name: str) -> int | None:
         """Lock a dead daemon's directory (its flock died with it); None if its owner lives."""
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(f"{name}/lock", flags, 0o600, dir_fd=self.root_fd)
         except OSError:
             return None
         try:
@@ -262,3 +354,42 @@ class Staging:
             os.close(fd)
             return None
         return fd
+
+
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
+def private_dir(parent_fd: int, name: str) -> int:
+    """Our own 0700 directory ``name`` in ``parent_fd``, made if missing; an fd to it.
+
+    Whatever else holds the name (a symlink, a file, a directory someone else owns, perhaps
+    planted by an uploader before we first ran) is moved aside and never followed or used.
+    """
+    for _ in range(5):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, 0o700, dir_fd=parent_fd)
+        try:
+            fd = os.open(name, DIR_FLAGS, dir_fd=parent_fd)
+        except NotADirectoryError:
+            _move_aside(parent_fd, name, "not a directory")
+            continue
+        owner = os.fstat(fd).st_uid
+        if owner != os.geteuid():
+            os.close(fd)
+            _move_aside(parent_fd, name, f"owned by uid {owner}")
+            continue
+        os.fchmod(fd, 0o700)
+        return fd
+    raise StorageError(f"cannot make our directory {name!r}: something keeps taking its place")
+
+
+def _move_aside(parent_fd: int, name: str, why: str) -> None:
+    aside = f"{name}.impostor-{new_id()}"
+    try:
+        os.rename(name, aside, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
+    except FileNotFoundError:
+        return
+    logger.bind(event="staging.impostor", name=name, moved_to=aside, reason=why).error(
+        "something else held the name of our private directory: moved aside, not used"
+    )

@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Literal
+
+# Why a file could not be scanned: a closed set, shown in the verdict API, the quarantine record,
+# the `file.unscannable` event and the `watcher_unscannable_total` metric.
+Cause = Literal["encrypted", "limits", "malformed", "unsupported", "scan_error", "unreadable"]
+CAUSES: tuple[Cause, ...] = (
+    "encrypted", "limits", "malformed", "unsupported", "scan_error", "unreadable",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -18,18 +26,28 @@ class Infected:
 
 @dataclass(frozen=True)
 class NotScanned:
-    """No verdict. ``transient`` causes (timeouts, engine hiccups) are retried; others are final."""
+    """No verdict. ``transient`` causes (timeouts, engine hiccups) are retried; others are final.
+
+    ``reason`` is for people; ``cause`` is the closed set machines read.
+    """
 
     reason: str
     transient: bool
+    cause: Cause = "scan_error"
 
 
 Verdict = Clean | Infected | NotScanned
 
 # `fd[12]: OK`, `stream: Eicar-Signature FOUND`. Anything else is not a verdict.
 _REPLY = re.compile(r"^(?:fd\[\d+\]|stream): (?:(?P<signature>\S.*) FOUND|(?P<ok>OK))$")
-# clamd reports its own limits as detections only with AlertExceedsMax; they are not verdicts.
-_LIMIT_SIGNATURE = re.compile(r"^Heuristics\.Limits\.Exceeded")
+# Heuristic "detections" that only say what clamd could not look into: reasons, not infections.
+# Limits: only with AlertExceedsMax (`Heuristics.Limits.Exceeded.MaxRecursion`, ...).
+# Encrypted: only with AlertEncrypted / AlertEncryptedArchive / AlertEncryptedDoc
+# (`Heuristics.Encrypted.Zip`, `.7Zip`, `.RAR`, `.PDF`, ...).
+_UNSEEN: tuple[tuple[re.Pattern[str], Cause, str], ...] = (
+    (re.compile(r"^Heuristics\.Limits\.Exceeded"), "limits", "exceeds clamd limits"),
+    (re.compile(r"^Heuristics\.Encrypted\."), "encrypted", "encrypted content clamd cannot read"),
+)
 
 
 def parse_reply(reply: str) -> Verdict:
@@ -38,10 +56,10 @@ def parse_reply(reply: str) -> Verdict:
     >>> parse_reply("fd[10]: OK")
     Clean()
     >>> parse_reply("stream: ")
-    NotScanned(reason='unparsable reply from clamd: stream: ', transient=True)
+    NotScanned(reason='unparsable reply from clamd: stream: ', transient=True, cause='scan_error')
     """
     if reply == "INSTREAM size limit exceeded. ERROR":
-        return NotScanned("exceeds clamd StreamMaxLength", transient=False)
+        return NotScanned("exceeds clamd StreamMaxLength", transient=False, cause="limits")
     match = _REPLY.match(reply)
     if match is None:
         if reply.endswith(" ERROR"):
@@ -50,6 +68,7 @@ def parse_reply(reply: str) -> Verdict:
     signature = match.group("signature")
     if signature is None:
         return Clean()
-    if _LIMIT_SIGNATURE.match(signature):
-        return NotScanned(f"exceeds clamd limits: {signature}", transient=False)
+    for pattern, cause, meaning in _UNSEEN:
+        if pattern.match(signature):
+            return NotScanned(f"{meaning}: {signature}", transient=False, cause=cause)
     return Infected(signature)

@@ -53,6 +53,7 @@ class FileStatus:
     sha256: str | None = None
     signature: str | None = None
     reason: str | None = None
+    cause: str | None = None  # unscannable: encrypted, limits, malformed, unsupported, scan_error
     scanned_at: str | None = None
     allowlisted: bool = False
 
@@ -95,6 +96,7 @@ class Verdicts:
             sha256=result.sha256,
             signature=result.signature,
             reason=result.reason,
+            cause=result.cause,
             scanned_at=None
             if state in ("rejected", "unscanned")
             else datetime.now(UTC).isoformat(timespec="milliseconds"),

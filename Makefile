@@ -53,6 +53,12 @@ test: install test-deps
 bench: install
 	$(BIN)/python bench/bench.py
 
+# The HTTP API: requests/s and the delivery rate while it is abused, A/B against an earlier
+# revision (several minutes). E.g. make bench-http HTTP_BENCH_ARGS="--compare main --rounds 5".
+.PHONY: bench-http
+bench-http: install
+	$(BIN)/python bench/http_bench.py $(HTTP_BENCH_ARGS)
+
 # Fault injection under load, then proof that nothing was lost (root; about 6 minutes; not part
 # of `make test`). docs/soak.md. E.g. make soak SOAK_ARGS="--seed 42 --minutes 10".
 .PHONY: soak

@@ -179,20 +179,38 @@ def loguru_events() -> tuple[Events, int]:
     return events, logger.add(sink, level="DEBUG")
 
 
-class DaemonProcess:
-    """`python -m watcher run` in a subprocess, its JSON log lines parsed into `events`."""
+# Lowers RLIMIT_NOFILE, then becomes `python -m watcher run` (no preexec_fn: tests are threaded).
+_WITH_NOFILE = (
+    "import os, resource, sys; n = int(sys.argv[1]); "
+    "resource.setrlimit(resource.RLIMIT_NOFILE, (n, n)); "
+    "os.execv(sys.executable, [sys.executable, '-m', 'watcher', 'run'])"
+)
 
-    def __init__(self, env: dict[str, str], prefix: tuple[str, ...] = ()) -> None:
+
+class DaemonProcess:
+    """`python -m watcher run` in a subprocess, its JSON log lines parsed into `events`.
+
+    stderr goes into the same stream: every line of both must be one of our JSON events
+    (a line that is not is recorded as event ``raw``). `nofile` lowers RLIMIT_NOFILE.
+    """
+
+    def __init__(
+        self, env: dict[str, str], prefix: tuple[str, ...] = (), nofile: int | None = None
+    ) -> None:
         self.env = {**os.environ, **env, "WATCHER_LOG_FORMAT": "json"}
         self.prefix = prefix  # e.g. setpriv ... to run it without privileges
+        self.nofile = nofile
         self.events = Events()
         self.proc: subprocess.Popen[bytes] | None = None
         self.lines: list[bytes] = []
 
     def start(self, wait_ready: bool = True) -> DaemonProcess:
         self.events = Events()
+        command = [sys.executable, "-m", "watcher", "run"]
+        if self.nofile is not None:
+            command = [sys.executable, "-c", _WITH_NOFILE, str(self.nofile)]
         self.proc = subprocess.Popen(
-            [*self.prefix, sys.executable, "-m", "watcher", "run"],
+            [*self.prefix, *command],
             env=self.env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -210,6 +228,16 @@ class DaemonProcess:
                 events.add(json.loads(line))
             except ValueError:
                 events.add({"event": "raw", "line": line.decode("utf-8", "replace")})
+
+    @property
+    def http_address(self) -> tuple[str, int]:
+        """Where the daemon's HTTP API listens (from its `http.listening` event)."""
+        (listening,) = self.events.wait_for("http.listening")
+        return listening["host"], listening["port"]
+
+    def raw_lines(self) -> list[str]:
+        """Output lines that are not one JSON object each (there must be none)."""
+        return [r["line"] for r in self.events.named("raw")]
 
     def kill(self) -> None:
         assert self.proc is not None

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from loguru import logger
 
 from watcher.deliver import Deliverer
 from watcher.fsops import copy_to_new_file, noclobber_names
@@ -193,6 +194,27 @@ def test_a_daemon_starting_up_is_never_adopted_and_a_dead_start_is_cleaned(
     assert staging.dir.name.startswith("d-") and (staging.dir / "lock").exists()
     assert staging.recover() == []
     assert starting.exists() and not dead.exists()
+
+
+def test_log_budget_passes_ten_lines_a_second_per_event_and_counts_the_rest() -> None:
+    from support import loguru_events
+
+    from watcher.logs import LogBudget
+
+    events, sink = loguru_events()
+    try:
+        budget = LogBudget("x.suppressed", per_s=10)
+        for n in range(25):
+            budget.log("x.noisy", "INFO", "noisy", now=100.0 + n / 100, n=n)
+        budget.log("x.other", "INFO", "other", now=100.5)
+        budget.flush(now=101.0)  # the second is over: one line sums it up
+        budget.log("x.noisy", "INFO", "noisy", now=101.1, n=99)
+    finally:
+        logger.remove(sink)
+    assert [e["n"] for e in events.named("x.noisy")] == [*range(10), 99]
+    assert len(events.named("x.other")) == 1
+    (summary,) = events.named("x.suppressed")
+    assert summary["suppressed_event"] == "x.noisy" and summary["count"] == 15
 
 
 def test_a_copy_keeps_the_holes_of_a_sparse_file(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from support import EICAR, Clamd, wait_until
 
 from watcher.daemon import Daemon
 from watcher.settings import Settings
+from watcher.verdicts import FileStatus, Verdicts
 
 Start = Callable[..., Daemon]
 
@@ -131,3 +132,35 @@ def test_a_file_being_scanned_is_pending_even_when_its_name_had_a_verdict(
     finally:
         own_clamd.thaw()
         daemon.close()
+
+
+@pytest.mark.parametrize(
+    "rel", ["a" * 300, "d/" * 2100 + "f", "loop/x"], ids=["name", "path", "symlink-loop"]
+)
+def test_lookup_of_a_path_no_file_can_have_is_unknown_not_an_error(
+    tmp_path: Path, rel: str
+) -> None:
+    """ENAMETOOLONG, ELOOP: the lookup answers; it used to raise (a 500 with a traceback)."""
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    (uploads / "loop").symlink_to("loop")
+    verdicts = Verdicts(uploads, tmp_path / "processed", uploads / ".watcher")
+    assert verdicts.lookup(rel) == FileStatus(rel, "unknown")
+
+
+def test_a_recorded_verdict_wakes_only_the_watchers_of_its_path(
+    start_daemon: Start, dirs: dict[str, Path]
+) -> None:
+    daemon = start_daemon()
+    woken: list[str] = []
+    unwatch = [
+        daemon.ops.verdicts.watch(f"f{n}.txt", lambda n=n: woken.append(f"f{n}.txt"))
+        for n in range(50)
+    ]
+    (dirs["uploads"] / "f7.txt").write_bytes(b"seven")
+    wait_until(lambda: woken, 20, "a wake-up")
+    assert get(daemon, "/v1/files/f7.txt?wait=20").json()["state"] == "clean"
+    assert woken == ["f7.txt"]
+    for stop in unwatch:
+        stop()
+    assert daemon.ops.verdicts.waiting == 0

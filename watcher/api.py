@@ -1,7 +1,9 @@
-"""The HTTP surface: /healthz, /readyz, /metrics and GET /v1/files/<relative path>[?wait=S].
+"""The HTTP API's routes: /healthz, /readyz, /metrics and GET /v1/files/<relative path>[?wait=S].
 
-Standard library only (ThreadingHTTPServer): a handful of GET routes, one thread per request,
-so a request holding on ``?wait`` never blocks a scrape. Every answer but /metrics is JSON.
+`route` only parses (on the server's loop thread, so it never blocks) and says how to answer:
+an `Answer` now, a `Call` for the server's thread pool (anything that touches clamd or the
+disk), or a `Hold` for ``?wait`` (no thread is held; see watcher/httpserver.py). Every answer
+but /metrics is JSON; every error is one (``{"error": "..."}``) and is logged once.
 """
 
 from __future__ import annotations
@@ -9,20 +11,19 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
-import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
-from urllib.parse import parse_qs, unquote_to_bytes, urlsplit
+from urllib.parse import parse_qs, unquote_to_bytes
 
-from loguru import logger
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from watcher.verdicts import FileStatus
 
-FILES_PREFIX = "/v1/files/"
-REQUEST_TIMEOUT_S = 10.0  # reading a request; a slow client does not hold a thread forever
+FILES_PREFIX = b"/v1/files/"
+NAME_MAX_BYTES = 255  # longest file name on Linux file systems (ext4, xfs, tmpfs, overlayfs)
+PATH_MAX_BYTES = 4096
 
 
 class Backend(Protocol):
@@ -31,32 +32,107 @@ class Backend(Protocol):
     def healthz(self) -> tuple[bool, dict[str, Any]]: ...
     def readyz(self) -> tuple[bool, dict[str, Any]]: ...
     def render_metrics(self) -> bytes: ...
-    def file_status(self, rel: str, wait_s: float) -> FileStatus: ...
+    def file_status(self, rel: str) -> FileStatus: ...
+    def watch(self, rel: str, wake: Callable[[], None]) -> Callable[[], None]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    error: str | None = None  # set for errors: the server logs them (once)
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """Answer with what `run()` returns, computed on the server's thread pool."""
+
+    run: Callable[[], Answer]
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """Answer later. `check(final)` runs on the pool at once and again each time `watch`'s
+    wake fires; it returns None to go on waiting, unless `final` (the deadline has come)."""
+
+    check: Callable[[bool], Answer | None]
+    watch: Callable[[Callable[[], None]], Callable[[], None]]
+    wait_s: float
+
+
+def json_answer(status: int, body: dict[str, Any]) -> Answer:
+    return Answer(status, json.dumps(body).encode() + b"\n")
+
+
+def error_answer(status: int, message: str, *headers: tuple[str, str]) -> Answer:
+    return Answer(
+        status, json.dumps({"error": message}).encode() + b"\n", error=message, headers=headers
+    )
 
 
 class BadRequest(ValueError):
     """A request the client must fix (400)."""
 
 
-def parse_file_path(raw: str) -> str:
+def route(backend: Backend, method: bytes, target: bytes) -> Answer | Call | Hold:
+    """How to answer `method target` (the raw request target, bytes as sent)."""
+    if method != b"GET":
+        return error_answer(HTTPStatus.METHOD_NOT_ALLOWED, "only GET is served", ("Allow", "GET"))
+    path, _, query = target.partition(b"?")
+    try:
+        if path.startswith(FILES_PREFIX):
+            return _file_route(backend, parse_file_path(path[len(FILES_PREFIX) :]), query)
+    except BadRequest as err:
+        return error_answer(HTTPStatus.BAD_REQUEST, str(err))
+    if path == b"/healthz":  # answered right here: liveness never queues behind the pool
+        return _health(*backend.healthz())
+    if path == b"/readyz":
+        return Call(lambda: _health(*backend.readyz()))
+    if path == b"/metrics":
+        return Call(lambda: Answer(200, backend.render_metrics(), CONTENT_TYPE_LATEST))
+    return error_answer(HTTPStatus.NOT_FOUND, "not found")
+
+
+def _health(ok: bool, body: dict[str, Any]) -> Answer:
+    return json_answer(HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE, body)
+
+
+def _file_route(backend: Backend, rel: str, query: bytes) -> Call | Hold:
+    wait_s = parse_wait(query.decode("latin-1"), backend.max_wait_s)
+
+    def check(final: bool) -> Answer | None:
+        status = backend.file_status(rel)
+        return json_answer(HTTPStatus.OK, status.to_json()) if status.final or final else None
+
+    if wait_s <= 0:
+        return Call(lambda: json_answer(HTTPStatus.OK, backend.file_status(rel).to_json()))
+    return Hold(check, lambda wake: backend.watch(rel, wake), wait_s)
+
+
+def parse_file_path(raw: bytes) -> str:
     """The uploads-relative path from the URL (percent-decoded, as bytes: any file name works).
 
-    >>> parse_file_path("2026/report%20v2.pdf")
+    >>> parse_file_path(b"2026/report%20v2.pdf")
     '2026/report v2.pdf'
     """
     data = unquote_to_bytes(raw)
     if b"\0" in data:
         raise BadRequest("NUL byte in path")
-    rel = os.fsdecode(data)
-    if rel.startswith("/"):
+    if len(data) > PATH_MAX_BYTES:
+        raise BadRequest(f"path longer than {PATH_MAX_BYTES} bytes")
+    if data.startswith(b"/"):
         raise BadRequest("absolute path: give the path relative to the uploads directory")
-    parts = rel.split("/")
-    if ".." in parts:
+    parts = data.split(b"/")
+    if b".." in parts:
         raise BadRequest("'..' is not allowed in a path")
-    parts = [p for p in parts if p not in ("", ".")]
+    if any(len(part) > NAME_MAX_BYTES for part in parts):
+        raise BadRequest(f"a path segment is longer than {NAME_MAX_BYTES} bytes")
+    parts = [p for p in parts if p not in (b"", b".")]
     if not parts:
         raise BadRequest("empty path")
-    return "/".join(parts)
+    return os.fsdecode(b"/".join(parts))
 
 
 def parse_wait(query: str, max_wait_s: float) -> float:
@@ -70,89 +146,3 @@ def parse_wait(query: str, max_wait_s: float) -> float:
     if not math.isfinite(wait_s) or wait_s < 0:
         raise BadRequest("wait must be a number of seconds >= 0")
     return min(wait_s, max_wait_s)
-
-
-class ApiServer:
-    def __init__(self, host: str, port: int, backend: Backend) -> None:
-        server_class = _Server6 if ":" in host else _Server
-        self._server = server_class((host, port), _Handler)
-        self._server.backend = backend
-        self._thread: threading.Thread | None = None
-
-    @property
-    def address(self) -> tuple[str, int]:
-        host, port = self._server.server_address[:2]
-        return str(host), int(port)
-
-    def start(self) -> None:
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
-            name="watcher-http", daemon=True,
-        )  # fmt: skip
-        self._thread.start()
-
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def close(self) -> None:
-        if self._thread is not None:
-            self._server.shutdown()
-            self._thread.join(timeout=5)
-        self._server.server_close()
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    backend: Backend
-
-
-class _Server6(_Server):
-    address_family = socket.AF_INET6
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    timeout = REQUEST_TIMEOUT_S
-    server_version = "watcher"
-    sys_version = ""
-
-    def do_GET(self) -> None:
-        try:
-            self._route()
-        except BadRequest as err:
-            self._json(HTTPStatus.BAD_REQUEST, {"error": str(err)})
-        except Exception:
-            logger.bind(event="http.error", path=self.path).exception("request failed")
-            self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error"})
-
-    def _route(self) -> None:
-        backend = self.server.backend
-        url = urlsplit(self.path)
-        if url.path.startswith(FILES_PREFIX):
-            rel = parse_file_path(url.path[len(FILES_PREFIX) :])
-            wait_s = parse_wait(url.query, backend.max_wait_s)
-            self._json(HTTPStatus.OK, backend.file_status(rel, wait_s).to_json())
-        elif url.path == "/healthz":
-            ok, body = backend.healthz()
-            self._json(HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE, body)
-        elif url.path == "/readyz":
-            ok, body = backend.readyz()
-            self._json(HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE, body)
-        elif url.path == "/metrics":
-            self._send(HTTPStatus.OK, CONTENT_TYPE_LATEST, backend.render_metrics())
-        else:
-            self._json(HTTPStatus.NOT_FOUND, {"error": "not found"})
-
-    def _json(self, status: HTTPStatus, body: dict[str, Any]) -> None:
-        self._send(status, "application/json", json.dumps(body).encode() + b"\n")
-
-    def _send(self, status: HTTPStatus, content_type: str, data: bytes) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """No access log: scrapes every few seconds would drown the events that matter."""

@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 import traceback
+from collections import Counter
 from datetime import UTC
 from typing import Any, TextIO
 
@@ -89,3 +90,42 @@ def configure_logging(fmt: str = "json", level: str = "INFO", stream: TextIO | N
 def event(name: str, **fields: Any) -> Any:
     """A logger bound to a stable event name and its fields."""
     return logger.bind(event=name, **fields)
+
+
+class LogBudget:
+    """At most `per_s` lines a second per event name; the rest are counted, and each second
+    that had some is summed up in one `summary_event` line. For events a stranger can cause
+    at will (a request, a connection), so that they cannot flood the log.
+
+    Not thread-safe: one owner thread (the HTTP server's loop) calls it.
+    """
+
+    def __init__(self, summary_event: str, per_s: int = 10) -> None:
+        self.summary_event = summary_event
+        self.per_s = per_s
+        self._window_start = 0.0
+        self._lines: Counter[str] = Counter()
+        self._suppressed: Counter[str] = Counter()
+
+    def log(self, name: str, level: str, message: str, now: float, **fields: Any) -> None:
+        """Log ``logger.bind(event=name, **fields).log(level, message)`` if within budget;
+        an `exception` field is passed to loguru as the exception, not as data."""
+        self.flush(now)
+        self._lines[name] += 1
+        if self._lines[name] > self.per_s:
+            self._suppressed[name] += 1
+            return
+        exception = fields.pop("exception", None)
+        logger.bind(event=name, **fields).opt(exception=exception).log(level, message)
+
+    def flush(self, now: float) -> None:
+        """Close the current second if it is over (call it now and then)."""
+        if now - self._window_start < 1.0:
+            return
+        for name, count in self._suppressed.items():
+            logger.bind(event=self.summary_event, suppressed_event=name, count=count).warning(
+                "more lines of this event in one second than are logged"
+            )
+        self._window_start = now
+        self._lines.clear()
+        self._suppressed.clear()

@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
-from watcher.api import ApiServer
 from watcher.errors import ConfigError
 from watcher.health import Heartbeat, liveness, probe_clamd, readiness
 from watcher.healthcheck import HEARTBEAT_FILE
+from watcher.httpserver import HttpServer, Limits
 from watcher.metrics import Metrics
 from watcher.verdicts import FileStatus, Verdicts
 
@@ -39,16 +40,18 @@ class Operations:
             clamd=clamd if s.scanning_enabled else None, probe_timeout_s=s.probe_timeout_s,
         )  # fmt: skip
         daemon.clamd_check.listeners.append(self._beat_now)
-        self.server: ApiServer | None = None
+        self.server: HttpServer | None = None
         daemon.add_listener(self.metrics.observe)  # first: a verdict seen is already counted
         daemon.add_listener(self.verdicts.record)
 
     def bind(self) -> None:
         """Take the HTTP port (before the daemon takes any file: a taken port fails the start)."""
-        bind = self.daemon.settings.http_bind
+        s = self.daemon.settings
+        bind = s.http_bind
+        limits = Limits(s.http_max_connections, s.http_max_waiters, s.http_header_timeout_s)
         if bind is not None and self.server is None:
             try:
-                self.server = ApiServer(bind[0], bind[1], self)
+                self.server = HttpServer(bind[0], bind[1], self, limits)
             except OSError as err:
                 addr = self.daemon.settings.http_addr
                 raise ConfigError(f"WATCHER_HTTP_ADDR: cannot listen on {addr}: {err}") from err
@@ -58,13 +61,17 @@ class Operations:
         self.metrics.start()
         self.heartbeat.start()
         if self.server is not None:
-            self.server.start()
+            self.server.start()  # after the workers: it leaves them half the free descriptors
             host, port = self.server.address
-            logger.bind(event="http.listening", host=host, port=port).info("HTTP ready")
+            limits = self.server.limits
+            logger.bind(
+                event="http.listening", host=host, port=port,
+                max_connections=limits.max_connections, max_waiters=limits.max_waiters,
+                header_timeout_s=limits.header_timeout_s,
+            ).info("HTTP ready")  # fmt: skip
 
     def close(self) -> None:
         self.heartbeat.stop()
-        self.verdicts.close()
         if self.server is not None:
             self.server.close()
         self.metrics.stop()
@@ -93,7 +100,8 @@ class Operations:
     def render_metrics(self) -> bytes:
         return self.metrics.render()
 
-    def file_status(self, rel: str, wait_s: float) -> FileStatus:
-        if wait_s > 0:
-            return self.verdicts.wait(rel, wait_s)
+    def file_status(self, rel: str) -> FileStatus:
         return self.verdicts.lookup(rel)
+
+    def watch(self, rel: str, wake: Callable[[], None]) -> Callable[[], None]:
+        return self.verdicts.watch(rel, wake)

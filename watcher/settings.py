@@ -125,6 +125,9 @@ class Settings(BaseSettings):
     # Operations surface: HTTP (health, readiness, metrics, verdicts), heartbeat, probes.
     http_addr: str = "127.0.0.1:9090"  # "host:port", "[::1]:port"; "" or "off" disables HTTP
     http_max_wait_s: Seconds = Field(60.0, le=HOUR)  # bound of GET /v1/files/<path>?wait=S
+    http_max_connections: int = Field(128, ge=8, le=65536)  # client sockets open at once
+    http_max_waiters: int = Field(64, ge=1, le=65536)  # requests held on ?wait at once
+    http_header_timeout_s: Seconds = Field(5.0, le=300)  # to send a head; to read an answer
     verdict_memory: int = Field(10_000, ge=1, le=10_000_000)  # final verdicts kept
     heartbeat_interval_s: Seconds = 5.0  # the daemon touches <state_dir>/heartbeat.json
     probe_timeout_s: Seconds = 0.5  # clamd PING by /readyz, /metrics and `watcher healthcheck`

@@ -6,8 +6,9 @@ final state: ``clean`` (also for an allowlisted file, with ``allowlisted: true``
 ``unscanned`` (delivered with scanning switched off); ``unknown`` when this daemon has no
 record (never seen, or decided before a restart or more than `capacity` files ago).
 
-`wait` holds until the state is final or the time is up. It is woken by `record` (a daemon
-listener) for its own path only; no polling.
+Waiting is the HTTP server's (watcher/httpserver.py): it `watch`es a path and looks it up again
+each time `record` (a daemon listener) wakes it, for that path only; no polling, no thread per
+waiter.
 
 A file being scanned is in no directory the app knows: it is found through the staging
 journals (`ClaimIndex`), which are append-only, so each of their bytes is read once.
@@ -20,6 +21,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -77,9 +79,8 @@ class Verdicts:
         self.capacity = capacity
         self._claims = ClaimIndex(staging_root)
         self._known: OrderedDict[str, tuple[float, FileStatus]] = OrderedDict()
-        self._cond = threading.Condition()
-        self._waiting = 0
-        self._closed = False
+        self._lock = threading.Lock()
+        self._watchers: dict[str, list[Callable[[], None]]] = {}
 
     # -- written by the daemon ----------------------------------------------------------
 
@@ -101,25 +102,39 @@ class Verdicts:
             else datetime.now(UTC).isoformat(timespec="milliseconds"),
             allowlisted=result.outcome is Outcome.ALLOWLISTED,
         )
-        with self._cond:
+        with self._lock:
             self._known[result.rel] = (time.time(), status)
             self._known.move_to_end(result.rel)
             while len(self._known) > self.capacity:
                 self._known.popitem(last=False)
-            self._cond.notify_all()
-
-    def close(self) -> None:
-        """Release every waiter (they answer with the state they have)."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
+            wake = list(self._watchers.get(result.rel, ()))
+        for callback in wake:
+            callback()
 
     # -- read by the API ----------------------------------------------------------------
 
+    def watch(self, rel: str, wake: Callable[[], None]) -> Callable[[], None]:
+        """Call `wake()` (on the recording thread: it must be quick) whenever a verdict for
+        `rel` is recorded; returns the function that stops it. Watch first, then look up:
+        a verdict recorded in between is not missed."""
+        with self._lock:
+            self._watchers.setdefault(rel, []).append(wake)
+
+        def unwatch() -> None:
+            with self._lock:
+                callbacks = self._watchers.get(rel, [])
+                if wake in callbacks:
+                    callbacks.remove(wake)
+                if not callbacks:
+                    self._watchers.pop(rel, None)
+
+        return unwatch
+
     @property
     def waiting(self) -> int:
-        with self._cond:
-            return self._waiting
+        """How many watches are active (the HTTP requests held on ``?wait``)."""
+        with self._lock:
+            return sum(len(callbacks) for callbacks in self._watchers.values())
 
     def lookup(self, rel: str) -> FileStatus:
         """`rel` is already checked: relative, no ``..``, no NUL (see api.parse_file_path)."""
@@ -131,7 +146,7 @@ class Verdicts:
             if reason is not None:
                 return FileStatus(rel, "rejected", location=f"uploads/{rel}", reason=reason)
             return FileStatus(rel, "pending", location=f"uploads/{rel}")
-        with self._cond:
+        with self._lock:
             recorded_at, known = self._known.get(rel, (0.0, None))
         # Claimed after the verdict we hold: a new upload under the same name, being scanned.
         # (The claim a verdict came from lingers in staging until its delivery is committed.)
@@ -139,33 +154,7 @@ class Verdicts:
             return FileStatus(rel, "pending")
         return known or FileStatus(rel, "unknown")
 
-    def wait(self, rel: str, timeout_s: float) -> FileStatus:
-        deadline = time.monotonic() + timeout_s
-        with self._cond:
-            self._waiting += 1
-        try:
-            while True:
-                with self._cond:
-                    before = self._known.get(rel)
-                status = self.lookup(rel)
-                remaining = deadline - time.monotonic()
-                if status.final or remaining <= 0 or self._closed:
-                    return status
-                self._wait_for_change(rel, before, remaining)
-        finally:
-            with self._cond:
-                self._waiting -= 1
-
     # -- helpers ------------------------------------------------------------------------
-
-    def _wait_for_change(
-        self, rel: str, before: tuple[float, FileStatus] | None, timeout_s: float
-    ) -> None:
-        """Sleep until a verdict for `rel` is recorded (or we close); others don't wake us."""
-        with self._cond:
-            self._cond.wait_for(
-                lambda: self._known.get(rel) is not before or self._closed, timeout_s
-            )
 
     def _location(self, result: Result) -> str | None:
         dest = result.dest
@@ -184,15 +173,19 @@ class Verdicts:
         return path == root or path.startswith(root + os.sep)
 
     def _lstat_upload(self, rel: str) -> os.stat_result | None:
-        """lstat inside uploads only: a symlinked directory on the way does not count."""
+        """lstat inside uploads only: a symlinked directory on the way does not count.
+
+        None too for a path that cannot be looked at (too long, a loop, no permission): the
+        daemon could not take such a file either, so it is not pending.
+        """
         path = self.uploads_dir / rel
-        root = os.path.realpath(self.uploads_dir)
-        parent = os.path.realpath(path.parent)
-        if parent != root and not parent.startswith(root + os.sep):
-            return None
         try:
+            root = os.path.realpath(self.uploads_dir)
+            parent = os.path.realpath(path.parent)
+            if parent != root and not parent.startswith(root + os.sep):
+                return None
             return os.lstat(path)
-        except (FileNotFoundError, NotADirectoryError):
+        except OSError:
             return None
 
 

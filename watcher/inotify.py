@@ -69,8 +69,8 @@ class _WatchGroup(InotifyWatchGroup):
         Directories at the limit are not watched: what they hold is too deep (intake rejects
         them when it sweeps).
         """
-        if self.skip(path):
-            return
+        if self.skip(path) or self._depth(path) >= self.max_depth:
+            return  # the root of a new tree too: watches never grow past the limit
         self._add_callback(path)
         if not self.is_recursive:
             return

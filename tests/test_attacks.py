@@ -213,9 +213,21 @@ def test_a_thousand_nested_directories_are_rejected_at_the_limit(
         assert get((listening["host"], listening["port"]), "/healthz").status == 200
         run_sweep_and_wait(daemon)
         assert len(daemon.events.named("file.rejected")) == 1  # once, not at every sweep
+        assert daemon.proc is not None
+        assert inotify_watches(daemon.proc.pid) == 8 + 2  # uploads, levels 1 to 7; s1, s1/s2
         assert files_under(arena["processed"]) == {"s1/s2/leaf.txt": b"shallow"}
     finally:
         assert daemon.terminate() == 0
+
+
+def inotify_watches(pid: int) -> int:
+    """How many directories a process watches (its inotify fds' fdinfo, one line a watch)."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:inotify":
+            with open(f"/proc/{pid}/fdinfo/{fd}") as info:
+                count += sum(line.startswith("inotify wd:") for line in info)
+    return count
 
 
 def test_a_file_the_daemon_may_not_read_ends_unscannable_at_once(

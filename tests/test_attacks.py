@@ -224,9 +224,13 @@ def inotify_watches(pid: int) -> int:
     """How many directories a process watches (its inotify fds' fdinfo, one line a watch)."""
     count = 0
     for fd in os.listdir(f"/proc/{pid}/fd"):
-        if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:inotify":
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:inotify":
+                continue
             with open(f"/proc/{pid}/fdinfo/{fd}") as info:
                 count += sum(line.startswith("inotify wd:") for line in info)
+        except FileNotFoundError:
+            continue  # an fd closed while we looked (a scan's, a connection's)
     return count
 
 

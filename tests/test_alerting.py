@@ -16,20 +16,12 @@ from http_support import get
 from prometheus_client.parser import text_string_to_metric_families
 
 from watcher.daemon import Daemon
+from watcher.events import CATALOG, alerted
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS_RULES = ROOT / "docs" / "alerting" / "prometheus-rules.yml"
 LOKI_RULES = ROOT / "docs" / "alerting" / "loki-rules.yml"
 LOGQL_CHECK = ROOT / "tests" / "logql" / "check.mjs"
-# Logged by the scheduled jobs (issue 4), not yet by this branch's code.
-JOBS_EVENTS = {
-    "definitions.update_failed",
-    "definitions.stale",
-    "definitions.fresh",
-    "file.infected_late",
-    "job.failed",
-    "quarantine.near_full",
-}
 Start = Callable[..., Daemon]
 
 
@@ -155,12 +147,24 @@ def test_loki_rules_parse_with_grafanas_logql_grammar() -> None:
     assert all(p["top"] == "Expr" for p in parsed)
 
 
-def test_loki_rules_name_only_events_watcher_logs() -> None:
-    source = "\n".join(p.read_text() for p in (ROOT / "watcher").glob("*.py"))
-    logged = set(re.findall(r'event="([a-z_.]+)"', source))
+def named_events(path: Path) -> set[str]:
+    """Events a rule file names (Loki: `| event="x"`; Prometheus: `event="x"` labels)."""
     named = set()
-    for rule in rules(LOKI_RULES):
-        for match in re.findall(r'\| event=~?"([^"]+)"', rule["expr"]):
+    for rule in rules(path):
+        # Loki: `| event="x"` after `json event="event"`; Prometheus: `{..., event="x"}`.
+        for match in re.findall(r'[|{,]\s*event=~?"([^"]+)"', rule["expr"]):
             named.update(match.split("|"))
+    return named
+
+
+def test_loki_rules_name_only_events_watcher_logs() -> None:
+    named = named_events(LOKI_RULES)
     assert named, "no event filters found"
-    assert named <= logged | JOBS_EVENTS, sorted(named - logged - JOBS_EVENTS)
+    assert named <= set(CATALOG), sorted(named - set(CATALOG))
+
+
+def test_every_event_the_catalog_calls_alerted_is_alerted_on() -> None:
+    """The catalog's `alerted` flag (metrics start those series at 0) matches the rules."""
+    named = named_events(LOKI_RULES) | named_events(PROMETHEUS_RULES)
+    flagged = {name for name, _ in alerted()}
+    assert flagged <= named, sorted(flagged - named)

@@ -203,18 +203,18 @@ def test_log_budget_passes_ten_lines_a_second_per_event_and_counts_the_rest() ->
 
     events, sink = loguru_events()
     try:
-        budget = LogBudget("x.suppressed", per_s=10)
+        budget = LogBudget("http.log_suppressed", per_s=10)
         for n in range(25):
-            budget.log("x.noisy", "INFO", "noisy", now=100.0 + n / 100, n=n)
-        budget.log("x.other", "INFO", "other", now=100.5)
+            budget.log("http.client_error", now=100.0 + n / 100, n=n)
+        budget.log("http.busy", now=100.5)
         budget.flush(now=101.0)  # the second is over: one line sums it up
-        budget.log("x.noisy", "INFO", "noisy", now=101.1, n=99)
+        budget.log("http.client_error", now=101.1, n=99)
     finally:
         logger.remove(sink)
-    assert [e["n"] for e in events.named("x.noisy")] == [*range(10), 99]
-    assert len(events.named("x.other")) == 1
-    (summary,) = events.named("x.suppressed")
-    assert summary["suppressed_event"] == "x.noisy" and summary["count"] == 15
+    assert [e["n"] for e in events.named("http.client_error")] == [*range(10), 99]
+    assert len(events.named("http.busy")) == 1
+    (summary,) = events.named("http.log_suppressed")
+    assert summary["suppressed_event"] == "http.client_error" and summary["count"] == 15
 
 
 def test_a_copy_keeps_the_holes_of_a_sparse_file(tmp_path: Path) -> None:

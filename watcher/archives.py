@@ -46,8 +46,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Literal, Protocol, cast
 
-from loguru import logger
-
+from watcher.logs import emit
 from watcher.verdict import Cause, Clean, Infected, NotScanned, Verdict
 
 if TYPE_CHECKING:
@@ -73,9 +72,18 @@ _RATIO_FLOOR_BYTES = 1024 * 1024  # small members may compress by any ratio: the
 _NAME_CHARS = 160
 # What zipfile and its decompressors raise on damaged or hostile input.
 _ZIP_ERRORS = (
-    zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError, struct.error,
-    zlib.error, lzma.LZMAError, NotImplementedError, RuntimeError, tarfile.TarError,
-)  # fmt: skip
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    EOFError,
+    OSError,
+    ValueError,
+    struct.error,
+    zlib.error,
+    lzma.LZMAError,
+    NotImplementedError,
+    RuntimeError,
+    tarfile.TarError,
+)
 
 Kind = Literal["zip", "7z", "tar", "gz", "bz2", "xz"]
 
@@ -573,20 +581,20 @@ class Inspector:
             return NotScanned(refused.reason, transient=False, cause=refused.cause)
         except _Detected as found:
             return self._found(found, sorted(survey.blind))
-        logger.bind(
-            event="archive.inspected", forms=sorted(survey.blind), members=scan.members,
-            scanned=scan.scanned, encrypted_accepted=scan.encrypted_accepted,
+        emit(
+            "archive.inspected",
+            forms=sorted(survey.blind),
+            members=scan.members,
+            scanned=scan.scanned,
+            encrypted_accepted=scan.encrypted_accepted,
             duration_ms=round((time.perf_counter() - started) * 1000, 2),
-        ).info("looked into an archive clamd cannot read: clean")  # fmt: skip
+        )
         return Clean()
 
     def _found(self, found: _Detected, forms: list[str]) -> Verdict:
         verdict = found.verdict
         if isinstance(verdict, Infected):
-            logger.bind(
-                event="archive.detected", forms=forms, member=found.member,
-                signature=verdict.signature,
-            ).info("found inside an archive clamd cannot read")  # fmt: skip
+            emit("archive.detected", forms=forms, member=found.member, signature=verdict.signature)
             return verdict
         reason = f"{verdict.reason} (archive member {found.member})"
         return NotScanned(reason, verdict.transient, verdict.cause)

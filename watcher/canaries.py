@@ -27,10 +27,9 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from loguru import logger
-
 from watcher.clamav import Scanner
 from watcher.errors import ClamdUnavailable
+from watcher.logs import emit
 from watcher.verdict import Clean, Infected, NotScanned, Verdict
 
 _EICAR = base64.b64decode(
@@ -177,15 +176,11 @@ class ClamdCheck:
             self.trusted.set()
             if not was_trusted:
                 names = [c.name for c in self._canaries]
-                logger.bind(event="clamd.trusted", canaries=names).info(
-                    "clamd answered every canary as it must"
-                )
+                emit("clamd.trusted", canaries=names)
         else:
             self.trusted.clear()
             if log and changed:
-                logger.bind(event="clamd.untrusted", problem=problem).error(
-                    "clamd answered a canary wrongly: files wait until it answers right"
-                )
+                emit("clamd.untrusted", problem=problem)
         if changed:
             for listener in self.listeners:
                 listener()

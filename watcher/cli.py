@@ -33,10 +33,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     log_stream = sys.stderr if args.command in ("quarantine", "healthcheck") else None
     configure_logging(settings.log_format, settings.log_level, log_stream)
     handler = {
-        "run": _run, "scan": _scan,
-        "healthcheck": opscli.run_healthcheck, "quarantine": opscli.run_quarantine,
-        "update-definitions": _update_definitions, "purge-quarantine": _purge_quarantine,
-    }[args.command]  # fmt: skip
+        "run": _run,
+        "scan": _scan,
+        "healthcheck": opscli.run_healthcheck,
+        "quarantine": opscli.run_quarantine,
+        "update-definitions": _update_definitions,
+        "purge-quarantine": _purge_quarantine,
+    }[args.command]
     try:
         return handler(settings, args)
     except WatcherError as err:  # e.g. WATCHER_HTTP_ADDR already in use

@@ -16,8 +16,6 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from loguru import logger
-
 from watcher.allowlist import Allowlist
 from watcher.archives import inspector_from_settings
 from watcher.canaries import ClamdCheck
@@ -28,6 +26,7 @@ from watcher.errors import ClamdUnavailable
 from watcher.intake import Intake
 from watcher.jobs import Jobs
 from watcher.jobstatus import JobStatus
+from watcher.logs import emit
 from watcher.ops import Operations
 from watcher.pipeline import Outcome, Pipeline, PipelineConfig, Result, RetryCause
 from watcher.settings import Settings, check_disjoint
@@ -104,7 +103,7 @@ class ClamdHealth:
                 return
             self.up.clear()
             self.down_since = time.monotonic()
-            logger.bind(event="clamd.down", reason=reason).error("clamd unreachable: files wait")
+            emit("clamd.down", reason=reason)
             self._monitor = threading.Thread(target=self._wait_for_clamd, daemon=True)
             self._monitor.start()
 
@@ -120,7 +119,7 @@ class ClamdHealth:
             down_s = time.monotonic() - (self.down_since or time.monotonic())
             self.down_since = None
             self.up.set()
-            logger.bind(event="clamd.up", down_s=round(down_s, 3)).info("clamd is back")
+            emit("clamd.up", down_s=round(down_s, 3))
             return
 
 
@@ -143,9 +142,7 @@ class DestinationHealth:
             count = self._failures.get(destination, (0, ""))[0] + 1
             self._failures[destination] = (count, reason)
         if count == self.FAILING_AFTER:
-            logger.bind(event="delivery.failing", dest=destination, reason=reason).error(
-                "a destination refuses deliveries: files wait"
-            )
+            emit("delivery.failing", dest=destination, reason=reason)
 
     def delivered(self, destination: str) -> None:
         if destination not in self._failures:  # the hot path: no lock, nothing to do
@@ -153,7 +150,7 @@ class DestinationHealth:
         with self._lock:
             count, _ = self._failures.pop(destination, (0, ""))
         if count >= self.FAILING_AFTER:
-            logger.bind(event="delivery.ok", dest=destination).info("delivering again")
+            emit("delivery.ok", dest=destination)
 
     def failing(self) -> dict[str, str]:
         """Each failing destination with the last reason it gave."""
@@ -189,16 +186,23 @@ class Daemon:
         self.destinations = DestinationHealth()
         processed, quarantine = str(settings.processed_dir), str(settings.quarantine_dir)
         self._destination_of = {
-            Outcome.CLEAN: processed, Outcome.ALLOWLISTED: processed, Outcome.UNSCANNED: processed,
-            Outcome.INFECTED: quarantine, Outcome.UNSCANNABLE: quarantine,
-        }  # fmt: skip
+            Outcome.CLEAN: processed,
+            Outcome.ALLOWLISTED: processed,
+            Outcome.UNSCANNED: processed,
+            Outcome.INFECTED: quarantine,
+            Outcome.UNSCANNABLE: quarantine,
+        }
         self.queue = WorkQueue(settings.queue_size)
         self.clamd = ClamdHealth(self.scanner, self.stop_event)
         self.clamd_check = ClamdCheck(
-            self.scanner, self.pipeline.look_inside, settings.archive_max_depth,
-            settings.accept_encrypted, settings.canary_interval_s, self.stop_event,
+            self.scanner,
+            self.pipeline.look_inside,
+            settings.archive_max_depth,
+            settings.accept_encrypted,
+            settings.canary_interval_s,
+            self.stop_event,
             on_unreachable=self.clamd.mark_down,
-        )  # fmt: skip
+        )
         self.intake = Intake(
             settings.uploads_dir,
             self.queue.offer,
@@ -222,9 +226,13 @@ class Daemon:
         self._closed = False
         self.job_status = JobStatus()  # written by the scheduled jobs, read by /metrics
         self.jobs = Jobs(
-            settings, self.scanner, self.definitions, self._definitions_reloaded,
-            status=self.job_status, allowlisted=self.allowlist.contains,
-        )  # fmt: skip
+            settings,
+            self.scanner,
+            self.definitions,
+            self._definitions_reloaded,
+            status=self.job_status,
+            allowlisted=self.allowlist.contains,
+        )
         self.add_listener(self.jobs.deliveries.record)
         self.ops = Operations(self)  # HTTP, metrics, verdict lookup, heartbeat
 
@@ -244,9 +252,7 @@ class Daemon:
         self.staging.open()
         workers = s.workers or self._clamd_threads()
         if not s.scanning_enabled:
-            logger.bind(event="watcher.scanning_disabled").warning(
-                "VIRUS_SCANNING_ENABLED=false: files are delivered WITHOUT scanning"
-            )
+            emit("watcher.scanning_disabled")
         self._report_definitions()
         self._check_clamd()
         for claim in self.staging.recover():
@@ -261,18 +267,22 @@ class Daemon:
         self.intake.start()
         self.jobs.start()
         self.ops.start()
-        logger.bind(
-            event="watcher.ready", uploads=str(s.uploads_dir), processed=str(s.processed_dir),
-            quarantine=str(s.quarantine_dir), workers=workers, observer=s.observer,
+        emit(
+            "watcher.ready",
+            uploads=str(s.uploads_dir),
+            processed=str(s.processed_dir),
+            quarantine=str(s.quarantine_dir),
+            workers=workers,
+            observer=s.observer,
             scanning=s.scanning_enabled,
-        ).info("ready: watching for uploads")  # fmt: skip
+        )
 
     def close(self) -> None:
         """Stop intake, let in-flight scans finish within the grace time. Idempotent."""
         if self._closed:
             return
         self._closed = True
-        logger.bind(event="watcher.stopping", in_flight=self.in_flight).info("stopping")
+        emit("watcher.stopping", in_flight=self.in_flight)
         self.intake.stop()
         self.stop_event.set()
         deadline = time.monotonic() + self.settings.shutdown_grace_s
@@ -286,7 +296,7 @@ class Daemon:
             self.jobs.deliveries.close()
         self.ops.close()
         self.staging.close()
-        logger.bind(event="watcher.stopped", unfinished=unfinished).info("stopped")
+        emit("watcher.stopped", unfinished=unfinished)
 
     def run(self) -> int:
         """Run until SIGTERM or SIGINT; exit code 0 after a graceful stop."""
@@ -320,9 +330,7 @@ class Daemon:
     def _adopt_orphans(self) -> None:
         """Claims left by a daemon that stopped (or died) while we run: ours to finish."""
         for claim in self.staging.recover():
-            logger.bind(event="staging.adopted", path=claim.rel, id=claim.id).info(
-                "took over a stopped daemon's claim"
-            )
+            emit("staging.adopted", path=claim.rel, id=claim.id)
             self.queue.offer(claim, force=True)
 
     def _check_clamd(self) -> None:
@@ -349,11 +357,9 @@ class Daemon:
         loaded = LoadedDefinitions.parse(version)
         self.definitions.update(loaded)
         if not loaded.official:
-            logger.bind(event="definitions.test_only", clamd_version=version).error(
-                "clamd has no official virus definitions loaded: detection is TEST-ONLY"
-            )
+            emit("definitions.test_only", clamd_version=version)
         else:
-            logger.bind(event="definitions.loaded", clamd_version=version).info("definitions")
+            emit("definitions.loaded", clamd_version=version)
 
     def _work(self) -> None:
         if isinstance(self.scanner, ClamdScanner):
@@ -369,7 +375,7 @@ class Daemon:
             try:
                 self._handle(item)
             except Exception:  # never let a worker die: the claim stays in staging
-                logger.bind(event="worker.error").exception("unexpected error")
+                emit("worker.error", exception=True)
             finally:
                 with self._count_lock:
                     self.in_flight -= 1
@@ -395,7 +401,7 @@ class Daemon:
             try:
                 listener(result)
             except Exception:
-                logger.bind(event="listener.error").exception("listener failed")
+                emit("listener.error", exception=True)
 
     def _space_settled(self, claim_id: str) -> None:
         """`storage.ok` once the last file that waited for space in a destination is settled.
@@ -413,7 +419,7 @@ class Daemon:
                         del self._waiting_for_space[dest]
                         emptied.append(dest)
         for dest in emptied:
-            logger.bind(event="storage.ok", dest=_str(dest)).info("space is back: delivering again")
+            emit("storage.ok", dest=_str(dest))
 
     def _schedule_retry(self, result: Result) -> None:
         assert result.claim is not None
@@ -427,15 +433,15 @@ class Daemon:
                 first = not waiting
                 waiting.add(result.claim.id)
             if first:
-                logger.bind(
-                    event="storage.full", path=result.rel, dest=_str(result.dest),
-                    reason=result.reason,
-                ).error("destination full: files wait until space returns")  # fmt: skip
+                emit("storage.full", path=result.rel, dest=_str(result.dest), reason=result.reason)
         else:
-            logger.bind(
-                event="file.retry", path=result.rel, reason=result.reason,
-                attempt=result.claim.attempts, retry_in_s=result.retry_after_s,
-            ).warning("not scanned yet: will retry")  # fmt: skip
+            emit(
+                "file.retry",
+                path=result.rel,
+                reason=result.reason,
+                attempt=result.claim.attempts,
+                retry_in_s=result.retry_after_s,
+            )
         self.queue.offer(result.claim, delay_s=result.retry_after_s, force=True)
 
 

@@ -23,8 +23,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from loguru import logger
-
 from watcher.fsops import (
     make_dirs_beneath,
     noclobber_names,
@@ -36,6 +34,7 @@ from watcher.fsops import (
     storage_error,
     write_json_atomic,
 )
+from watcher.logs import emit
 from watcher.staging import Claim, Staging
 
 QUARANTINE_FILE_MODE = 0o400
@@ -163,9 +162,15 @@ class Deliverer:
             self.staging.note_dest(claim, os.path.join(directory, name))
 
         name, _ = place_noclobber(
-            self.staging.dir_fd, claim.name, fd, dir_fd, names,
-            tmp_name=_tmp_name(claim), mode=mode, before_each=note,
-        )  # fmt: skip
+            self.staging.dir_fd,
+            claim.name,
+            fd,
+            dir_fd,
+            names,
+            tmp_name=_tmp_name(claim),
+            mode=mode,
+            before_each=note,
+        )
         return name
 
     def _same_content(self, claim: Claim, dest: Path) -> bool:
@@ -253,16 +258,12 @@ class Committer:
                         os.fsync(dir_fd)
                         synced[key] = True
                 except OSError as err:  # the claim stays; the next start finishes it
-                    logger.bind(event="commit.failed", path=claim.rel, reason=str(err)).error(
-                        "fsync failed"
-                    )
+                    emit("commit.failed", path=claim.rel, reason=str(err))
                     continue
                 try:
                     self._staging.drop(claim)
                 except OSError as err:  # the claim stays; the next start finishes it
-                    logger.bind(event="commit.failed", path=claim.rel, reason=str(err)).error(
-                        "could not drop the staging name"
-                    )
+                    emit("commit.failed", path=claim.rel, reason=str(err))
         finally:
             for _, dir_fd in batch:
                 os.close(dir_fd)

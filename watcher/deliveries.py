@@ -38,9 +38,14 @@ class Delivery:
 
     def to_line(self) -> bytes:
         body = {  # not dataclasses.asdict: it deep-copies every field, once per delivery
-            "at": self.at.isoformat(), "dest": self.dest, "rel": self.rel, "size": self.size,
-            "sha256": self.sha256, "dev": self.dev, "ino": self.ino,
-        }  # fmt: skip
+            "at": self.at.isoformat(),
+            "dest": self.dest,
+            "rel": self.rel,
+            "size": self.size,
+            "sha256": self.sha256,
+            "dev": self.dev,
+            "ino": self.ino,
+        }
         return _encode_line(body).encode() + b"\n"
 
     @classmethod

@@ -136,7 +136,7 @@ class HttpServer:
             try:
                 self._turn()
             except Exception as err:  # never die, never print: one line, then go on
-                self._log("http.error", "ERROR", "HTTP loop failed", exception=err)
+                self._log("http.error", exception=err, path=None)
                 time.sleep(0.1)
         self._answer_held_now()
 
@@ -193,11 +193,11 @@ class HttpServer:
             self._failed(conn, err)
             self._close(conn)
 
-    def _log(self, name: str, level: str, message: str, **fields: Any) -> None:
-        self._logs.log(name, level, message, time.monotonic(), **fields)
+    def _log(self, name: str, **fields: Any) -> None:
+        self._logs.log(name, time.monotonic(), **fields)
 
     def _failed(self, conn: Conn, err: Exception) -> None:
-        self._log("http.error", "ERROR", "request failed", exception=err, path=conn.shown_target())
+        self._log("http.error", exception=err, path=conn.shown_target())
 
     # -- connections: accept, displace, expire, close -------------------------------------
 
@@ -215,7 +215,7 @@ class HttpServer:
                     continue
                 # EMFILE, ENFILE, ENOBUFS: retrying at once would spin; the kernel queues.
                 if not self._accept_failing:  # one line per run of failures
-                    self._log("http.accept_failed", "WARNING", "cannot accept", reason=str(err))
+                    self._log("http.accept_failed", reason=str(err))
                 self._accept_failing = True
                 self._accept_off()
                 self._accept_paused_until = now + ACCEPT_PAUSE_S
@@ -255,8 +255,8 @@ class HttpServer:
     def _displace(self, oldest: Conn) -> None:
         if oldest.got_bytes:
             limit = self.limits.max_connections
-            message = "connections full: closed the slowest head"
-            self._log("http.busy", "WARNING", message, status=503, max_connections=limit)
+            reason = "connections full: closed the slowest head"
+            self._log("http.busy", status=503, reason=reason, max_connections=limit)
             oldest.send_final(error_answer(503, "too many connections; this head was slowest"))
         self._close(oldest)
 
@@ -337,9 +337,8 @@ class HttpServer:
     def _answer(self, conn: Conn, answer: Answer) -> None:
         if answer.error is not None and answer.status != HTTPStatus.INTERNAL_SERVER_ERROR:
             busy = answer.status == HTTPStatus.SERVICE_UNAVAILABLE
-            name, level = ("http.busy", "WARNING") if busy else ("http.client_error", "INFO")
-            fields = {"status": answer.status, "reason": answer.error}
-            self._log(name, level, "request refused", path=conn.shown_target(), **fields)
+            name = "http.busy" if busy else "http.client_error"
+            self._log(name, status=answer.status, reason=answer.error, path=conn.shown_target())
         self._heads.pop(conn, None)
         conn.queue_answer(answer, keep_alive_s=max(1, int(self.limits.header_timeout_s) - 1))
         conn.phase = Phase.WRITE

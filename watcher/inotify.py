@@ -27,12 +27,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from loguru import logger
 from watchdog.events import DirCreatedEvent, DirMovedEvent
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.inotify import InotifyEmitter, InotifyWatchGroup
 from watchdog.observers.inotify_c import InotifyEvent, InotifyFD
 from watchdog.observers.inotify_move_event_grouper import GroupedInotifyEvent, PathedInotifyEvent
+
+from watcher.logs import emit
 
 # (path, complete): complete means the writer closed the file.
 FileHint = Callable[[bytes, bool], None]
@@ -49,7 +50,7 @@ class _WatchGroup(InotifyWatchGroup):
         try:
             self._on_event(event)
         except Exception:  # this is the reader thread: log, sweep, and keep reading
-            logger.bind(event="intake.event_failed").exception("inotify event handling failed")
+            emit("intake.event_failed", exception=True)
             self.on_overflow()
 
     def _on_event(self, event: InotifyEvent) -> None:
@@ -135,7 +136,7 @@ class _Emitter(InotifyEmitter):
         try:
             super().queue_events(timeout, full_events=full_events)
         except Exception:  # the emitter thread must not die either
-            logger.bind(event="intake.event_failed").exception("directory event handling failed")
+            emit("intake.event_failed", exception=True)
             self._on_overflow()
 
     def build_and_queue_event(

@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from loguru import logger
 from watchdog.events import (
     DirCreatedEvent,
     DirMovedEvent,
@@ -40,6 +39,7 @@ from watcher.fsops import (
     writer_active,
 )
 from watcher.inotify import IntakeObserver
+from watcher.logs import emit
 
 Offer = Callable[[Path], bool]
 
@@ -151,11 +151,11 @@ class Intake:
         try:
             self.hint(Path(os.fsdecode(path)), complete)
         except Exception:
-            logger.bind(event="intake.event_failed").exception("event handling failed")
+            emit("intake.event_failed", exception=True)
 
     def _events_lost(self) -> None:
         """The kernel's event queue overflowed: only a sweep finds what it dropped."""
-        logger.bind(event="intake.events_lost").warning("inotify queue overflowed: sweeping")
+        emit("intake.events_lost")
         self.request_sweep()
 
     # -- hints --------------------------------------------------------------------------
@@ -284,7 +284,7 @@ class Intake:
                 if roots == [self.uploads_dir] and self._after_full_sweep is not None:
                     self._after_full_sweep()
             except Exception:
-                logger.bind(event="intake.sweep_failed").exception("sweep failed")
+                emit("intake.sweep_failed", exception=True)
 
     def _sweep(self, root: Path) -> None:
         found = 0
@@ -301,7 +301,7 @@ class Intake:
                 complete = now_ns - st.st_mtime_ns >= self._settle_s * 1e9
                 self.hint(path, complete=complete)
         self.sweeps += 1
-        logger.bind(event="intake.swept", root=str(root), files=found).debug("swept")
+        emit("intake.swept", root=str(root), files=found)
 
     def walk(self, root: Path | None = None) -> Iterator[tuple[Path, os.stat_result]]:
         """Every entry below `root` (default: uploads) that is not a directory, and each
@@ -395,7 +395,7 @@ class _Handler(FileSystemEventHandler):
         try:
             self._dispatch(event)
         except Exception:
-            logger.bind(event="intake.event_failed").exception("event handling failed")
+            emit("intake.event_failed", exception=True)
 
     def _dispatch(self, event: FileSystemEvent) -> None:
         # Only the types in _WANTED_EVENTS reach us (watchdog applies the event filter).

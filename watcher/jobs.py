@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import cast
+from typing import Any, cast
 
 from apscheduler.events import (
     EVENT_JOB_ERROR,
@@ -27,7 +27,6 @@ from apscheduler.events import (
 )
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
-from loguru import logger
 
 from watcher.clamav import Scanner
 from watcher.definitions import (
@@ -42,6 +41,7 @@ from watcher.definitions import (
 from watcher.deliveries import DeliveryLog
 from watcher.errors import ClamdUnavailable
 from watcher.jobstatus import JobStatus
+from watcher.logs import emit
 from watcher.rescan import Rescanner
 from watcher.retention import Retention
 from watcher.settings import Settings
@@ -74,10 +74,17 @@ class Jobs:
         self.status = status or JobStatus()
         self.retention = Retention(s.quarantine_dir, s.quarantine_retention, s.quarantine_max_bytes)
         self.updater = Updater(
-            s.update_argv, cast(ClamdControl, scanner), s.definitions_dir, s.state_dir,
-            definitions, self.rescanner, s.update_interval, s.update_timeout, self.stop,
+            s.update_argv,
+            cast(ClamdControl, scanner),
+            s.definitions_dir,
+            s.state_dir,
+            definitions,
+            self.rescanner,
+            s.update_interval,
+            s.update_timeout,
+            self.stop,
             on_reloaded=on_reloaded,
-        )  # fmt: skip
+        )
         self.staleness = StalenessTracker(s.definitions_max_age)
         self.scheduler = BackgroundScheduler(
             timezone="UTC",
@@ -98,15 +105,11 @@ class Jobs:
                 self.update_definitions, "update-definitions", tick, now + timedelta(seconds=tick)
             )
             if s.update_interval < 3600:
-                logger.bind(
-                    event="definitions.update_interval_short", interval_s=s.update_interval
-                ).warning("the ClamAV mirrors rate-limit checks more often than hourly")
+                emit("definitions.update_interval_short", interval_s=s.update_interval)
         if s.scanning_enabled:
             self._add(self.check_definitions, "check-definitions", TICK_S, now)
             if not database_files(s.definitions_dir):
-                logger.bind(event="definitions.dir_empty", path=str(s.definitions_dir)).warning(
-                    "WATCHER_DEFINITIONS_DIR holds no definition files: is it clamd's?"
-                )
+                emit("definitions.dir_empty", path=str(s.definitions_dir))
         self._add(self.purge_quarantine, "purge-quarantine", 86400.0, now + timedelta(minutes=1))
         self._add(self.prune_deliveries, "prune-deliveries", 3600.0, now + timedelta(hours=1))
         self.scheduler.add_listener(self._on_failure, EVENT_JOB_ERROR | EVENT_JOB_MISSED)
@@ -122,9 +125,7 @@ class Jobs:
         waiter.start()
         waiter.join(timeout=grace_s)
         if waiter.is_alive():
-            logger.bind(event="jobs.unfinished", grace_s=grace_s).warning(
-                "a scheduled job was still running at shutdown"
-            )
+            emit("jobs.unfinished", grace_s=grace_s)
 
     def run_now(self, job_id: str) -> None:
         """Run a job at once (its schedule continues from there)."""
@@ -145,15 +146,17 @@ class Jobs:
             "update" if event.job_id == "update-definitions" else event.job_id, datetime.now(UTC)
         )
         if event.code == EVENT_JOB_MISSED:
-            logger.bind(
-                event="job.failed", job=event.job_id, reason="missed",
+            emit(
+                "job.failed",
+                job=event.job_id,
+                reason="missed",
                 scheduled_at=event.scheduled_run_time.isoformat(),
-            ).warning("job missed its time")  # fmt: skip
+            )
             return
         exc = event.exception
-        logger.bind(
-            event="job.failed", job=event.job_id, reason=type(exc).__name__, error=str(exc)
-        ).opt(exception=exc).error("job failed; it keeps its schedule")
+        emit(
+            "job.failed", job=event.job_id, reason=type(exc).__name__, error=str(exc), exception=exc
+        )
 
     # -- the jobs -----------------------------------------------------------------------
 
@@ -182,22 +185,19 @@ class Jobs:
         age_s = definitions_age_s(loaded, newest_file_time(self.settings.definitions_dir), now)
         self.definitions.set_age(age_s)
         change = self.staleness.observe(age_s)
-        fields = {
-            "age_s": round(age_s or 0.0), "max_age_s": self.settings.definitions_max_age,
+        fields: dict[str, Any] = {
+            "age_s": round(age_s or 0.0),
+            "max_age_s": self.settings.definitions_max_age,
             "clamd_version": version,
-        }  # fmt: skip
+        }
         if change is Freshness.STALE:
             self.definitions.set_stale(True)
-            logger.bind(event="definitions.stale", **fields).error(
-                "virus definitions are older than WATCHER_DEFINITIONS_MAX_AGE"
-            )
+            emit("definitions.stale", **fields)
         elif change is Freshness.FRESH:
             self.definitions.set_stale(False)
-            logger.bind(event="definitions.fresh", **fields).info("virus definitions are fresh")
+            emit("definitions.fresh", **fields)
         if previous and previous.version and loaded.version and loaded.version != previous.version:
-            logger.bind(
-                event="definitions.changed", clamd_version=version, previous=previous.version
-            ).info("clamd loaded new definitions: rescanning recent deliveries")
+            emit("definitions.changed", clamd_version=version, previous=previous.version)
             self.updater.rescan_if_idle(now)
 
     def purge_quarantine(self) -> None:
@@ -213,9 +213,7 @@ class Jobs:
 def update_definitions_once(settings: Settings, scanner: Scanner) -> int:
     """`watcher update-definitions`: exit 0 updated or already current, 2 failed."""
     if not settings.update_argv:
-        logger.bind(event="definitions.update_failed", cause="no_command").error(
-            "WATCHER_UPDATE_COMMAND is empty: updates are switched off"
-        )
+        emit("definitions.update_failed", cause="no_command")
         return EXIT_FAILED
     jobs = Jobs(settings, scanner, DefinitionsState())
     outcome = jobs.updater.update_now(datetime.now(UTC))
@@ -230,7 +228,7 @@ def purge_quarantine_once(settings: Settings, dry_run: bool) -> int:
     try:
         plan = retention.run(datetime.now(UTC), dry_run=dry_run)
     except OSError as err:
-        logger.bind(event="quarantine.purge_failed", reason=str(err)).error("purge failed")
+        emit("quarantine.purge_failed", reason=str(err))
         return EXIT_FAILED
     if dry_run:
         for item, reason in plan.delete:

@@ -1,7 +1,8 @@
 """Logging, configured once by the CLI: one flat JSON object (or one text line) per event.
 
-Everywhere else: ``logger.bind(event="file.clean", path=rel).info("clean")``. Data goes in
-fields, never into the message, so an uploaded name is never a format string.
+Everywhere else: ``emit("file.clean", path=rel, dest=...)``: the event's level and message come
+from its entry in watcher/events.py; data goes in fields, never into a message, so an uploaded
+name is never a format string.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from datetime import UTC
 from typing import Any, TextIO
 
 from loguru import logger
+
+from watcher.events import CATALOG
 
 # Fields loguru's record already carries that we never copy into the flat line.
 _RESERVED = {"time", "level", "event", "message"}
@@ -87,9 +90,17 @@ def configure_logging(fmt: str = "json", level: str = "INFO", stream: TextIO | N
     logging.basicConfig(handlers=[_InterceptHandler()], level=logging.WARNING, force=True)
 
 
-def event(name: str, **fields: Any) -> Any:
-    """A logger bound to a stable event name and its fields."""
-    return logger.bind(event=name, **fields)
+def emit(name: str, /, *, exception: BaseException | bool | None = None, **fields: Any) -> None:
+    """Log the event `name` with its fields; watcher/events.py gives its level and message.
+
+    ``exception``: an exception, or True for the one being handled, logged with its traceback.
+    Data goes in `fields`, never in a message: an uploaded name is never a format string.
+    """
+    spec = CATALOG[name]
+    bound = logger.bind(event=name, **fields)
+    if exception is not None and exception is not False:
+        bound = bound.opt(exception=exception)
+    bound.log(spec.level, spec.message)
 
 
 class LogBudget:
@@ -107,25 +118,21 @@ class LogBudget:
         self._lines: Counter[str] = Counter()
         self._suppressed: Counter[str] = Counter()
 
-    def log(self, name: str, level: str, message: str, now: float, **fields: Any) -> None:
-        """Log ``logger.bind(event=name, **fields).log(level, message)`` if within budget;
-        an `exception` field is passed to loguru as the exception, not as data."""
+    def log(self, name: str, now: float, **fields: Any) -> None:
+        """`emit(name, **fields)` if within budget."""
         self.flush(now)
         self._lines[name] += 1
         if self._lines[name] > self.per_s:
             self._suppressed[name] += 1
             return
-        exception = fields.pop("exception", None)
-        logger.bind(event=name, **fields).opt(exception=exception).log(level, message)
+        emit(name, **fields)
 
     def flush(self, now: float) -> None:
         """Close the current second if it is over (call it now and then)."""
         if now - self._window_start < 1.0:
             return
         for name, count in self._suppressed.items():
-            logger.bind(event=self.summary_event, suppressed_event=name, count=count).warning(
-                "more lines of this event in one second than are logged"
-            )
+            emit(self.summary_event, suppressed_event=name, count=count)
         self._window_start = now
         self._lines.clear()
         self._suppressed.clear()

@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from watcher.events import alerted
 from watcher.pipeline import Outcome, Result
 from watcher.verdict import CAUSES
 
@@ -30,19 +31,6 @@ if TYPE_CHECKING:
 VERDICTS = ("clean", "infected", "rejected", "unscannable", "unscanned", "allowlisted")
 _VERDICT_OF = {Outcome.HELD: "unscannable"}
 _SCANNED = {Outcome.CLEAN, Outcome.ALLOWLISTED, Outcome.INFECTED, Outcome.UNSCANNABLE, Outcome.HELD}
-# Events the alert rules count, present at 0 from the start: Prometheus' increase() misses
-# the first increment of a series that appears at 1. (Names from the jobs included.)
-ALERTED_EVENTS = (
-    ("file.infected", "WARNING"),
-    ("file.infected_late", "ERROR"),
-    ("file.unscannable", "ERROR"),
-    ("clamd.down", "ERROR"),
-    ("delivery.failing", "ERROR"),
-    ("clamd.untrusted", "ERROR"),
-    ("definitions.update_failed", "ERROR"),
-    ("job.failed", "ERROR"),
-    ("quarantine.near_full", "WARNING"),
-)
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -55,9 +43,11 @@ class Metrics:
         for verdict in VERDICTS:
             self.files.labels(verdict)
         self.unscannable = Counter(
-            "watcher_unscannable", "Unscannable files (quarantined or held) by cause.", ["cause"],
+            "watcher_unscannable",
+            "Unscannable files (quarantined or held) by cause.",
+            ["cause"],
             registry=self.registry,
-        )  # fmt: skip
+        )
         for cause in CAUSES:
             self.unscannable.labels(cause)
         self.scan_duration = Histogram(
@@ -67,10 +57,12 @@ class Metrics:
             registry=self.registry,
         )
         self.events = Counter(
-            "watcher_events", "Log events by event name and level.", ["event", "level"],
+            "watcher_events",
+            "Log events by event name and level.",
+            ["event", "level"],
             registry=self.registry,
-        )  # fmt: skip
-        for event, level in ALERTED_EVENTS:
+        )
+        for event, level in alerted():  # at 0 from the start: see watcher/events.py
             self.events.labels(event, level)
         self.registry.register(_DaemonCollector(daemon, probe_clamd))
         self._sink_id: int | None = None
@@ -135,9 +127,10 @@ class _DaemonCollector(Collector):
         )
         yield self._definitions_age(now)
         yield _gauge(
-            "watcher_definitions_stale", "1 if the loaded definitions are stale.",
+            "watcher_definitions_stale",
+            "1 if the loaded definitions are stale.",
             1 if d.definitions.stale else 0,
-        )  # fmt: skip
+        )
         files, size = quarantine_usage(s.quarantine_dir)
         yield _gauge("watcher_quarantine_files", "Files held in quarantine.", files)
         yield _gauge("watcher_quarantine_bytes", "Bytes held in quarantine.", size)
@@ -168,12 +161,14 @@ class _DaemonCollector(Collector):
     def _jobs(self) -> Iterator[Metric]:
         success = GaugeMetricFamily(
             "watcher_job_last_success_timestamp_seconds",
-            "Unix time of each scheduled job's last success.", labels=["job"],
-        )  # fmt: skip
+            "Unix time of each scheduled job's last success.",
+            labels=["job"],
+        )
         failure = GaugeMetricFamily(
             "watcher_job_last_failure_timestamp_seconds",
-            "Unix time of each scheduled job's last failure.", labels=["job"],
-        )  # fmt: skip
+            "Unix time of each scheduled job's last failure.",
+            labels=["job"],
+        )
         for name, run in sorted(self._daemon.job_status.snapshot().items()):
             if run.last_success is not None:
                 success.add_metric([name], run.last_success.timestamp())

@@ -10,12 +10,11 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from loguru import logger
-
 from watcher.errors import ConfigError
 from watcher.health import Heartbeat, liveness, probe_clamd, readiness
 from watcher.healthcheck import HEARTBEAT_FILE
 from watcher.httpserver import HttpServer, Limits
+from watcher.logs import emit
 from watcher.metrics import Metrics
 from watcher.verdicts import FileStatus, Verdicts
 
@@ -35,10 +34,13 @@ class Operations:
         clamd = os.path.abspath(s.clamav_socket) if s.clamav_socket else None
         clamd = clamd or f"{s.clamav_host}:{s.clamav_port}"
         self.heartbeat = Heartbeat(
-            s.state_dir / HEARTBEAT_FILE, s.heartbeat_interval_s, daemon.alive,
+            s.state_dir / HEARTBEAT_FILE,
+            s.heartbeat_interval_s,
+            daemon.alive,
             problems=self.problems,
-            clamd=clamd if s.scanning_enabled else None, probe_timeout_s=s.probe_timeout_s,
-        )  # fmt: skip
+            clamd=clamd if s.scanning_enabled else None,
+            probe_timeout_s=s.probe_timeout_s,
+        )
         daemon.clamd_check.listeners.append(self._beat_now)
         self.server: HttpServer | None = None
         daemon.add_listener(self.metrics.observe)  # first: a verdict seen is already counted
@@ -64,11 +66,14 @@ class Operations:
             self.server.start()  # after the workers: it leaves them half the free descriptors
             host, port = self.server.address
             limits = self.server.limits
-            logger.bind(
-                event="http.listening", host=host, port=port,
-                max_connections=limits.max_connections, max_waiters=limits.max_waiters,
+            emit(
+                "http.listening",
+                host=host,
+                port=port,
+                max_connections=limits.max_connections,
+                max_waiters=limits.max_waiters,
                 header_timeout_s=limits.header_timeout_s,
-            ).info("HTTP ready")  # fmt: skip
+            )
 
     def close(self) -> None:
         self.heartbeat.stop()

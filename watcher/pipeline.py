@@ -22,8 +22,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from loguru import logger
-
 from watcher.clamav import Scanner
 from watcher.deliver import Deliverer
 from watcher.errors import ClamdUnavailable, StorageError, StorageFull
@@ -35,6 +33,7 @@ from watcher.fsops import (
     split_rel,
     take_read_lease,
 )
+from watcher.logs import emit
 from watcher.staging import Claim, Staging
 from watcher.verdict import Cause, Clean, Infected, NotScanned, Verdict
 
@@ -200,9 +199,7 @@ class Pipeline:
     def _process_claim(self, claim: Claim) -> Result:
         delivered = self.deliverer.finish_interrupted(claim)
         if delivered is not None:
-            logger.bind(event="file.recovered", path=claim.rel, dest=str(delivered)).info(
-                "delivery finished after restart"
-            )
+            emit("file.recovered", path=claim.rel, dest=str(delivered))
             return Result(Outcome.GONE, claim.rel, dest=delivered)
         try:
             fd = self.staging.open_claim(claim)
@@ -228,9 +225,7 @@ class Pipeline:
         if not self.config.scanning_enabled:
             sha = sha256_fd(upload.fd)
             dest = self.deliverer.to_processed(claim, upload.fd)
-            logger.bind(
-                event="file.unscanned", path=claim.rel, dest=str(dest), size=st.st_size, sha256=sha
-            ).warning("delivered WITHOUT scanning: VIRUS_SCANNING_ENABLED=false")
+            emit("file.unscanned", path=claim.rel, dest=str(dest), size=st.st_size, sha256=sha)
             return Result(Outcome.UNSCANNED, claim.rel, dest=dest, size=st.st_size, sha256=sha)
         st = self._hold(claim, upload)
         for _ in range(_MAX_RESCANS):
@@ -248,9 +243,7 @@ class Pipeline:
                 return result
             # Someone asked to write the file as it went into processed: its new name was
             # taken back before anyone could write; scan a private copy instead.
-            logger.bind(event="file.changed", path=claim.rel, reason="opened for writing").info(
-                "opened for writing while being delivered: scanning a private copy"
-            )
+            emit("file.changed", path=claim.rel, reason="opened for writing")
             st = self._privatize(claim, upload)
         verdict = NotScanned("file kept changing during the scan", transient=True)
         return self._not_scanned(claim, upload.fd, st.st_size, sha, verdict)
@@ -301,16 +294,12 @@ class Pipeline:
             if upload.leased and lease_broken(upload.fd):
                 # Someone asked to write it (they wait until we let go): what we scanned
                 # is not what they will leave. Scan a copy of our own instead.
-                logger.bind(event="file.changed", path=claim.rel, reason="opened for writing").info(
-                    "opened for writing during the scan: scanning a private copy"
-                )
+                emit("file.changed", path=claim.rel, reason="opened for writing")
                 st = self._privatize(claim, upload)
                 continue
             if _identity(after) == _identity(st):
                 return verdict, sha, st
-            logger.bind(event="file.changed", path=claim.rel, size=after.st_size).info(
-                "changed during scan"
-            )
+            emit("file.changed", path=claim.rel, size=after.st_size)
             st = after
         return NotScanned("file kept changing during the scan", transient=True), sha, st
 
@@ -335,25 +324,32 @@ class Pipeline:
         fields: dict[str, Any] = {"path": claim.rel, "dest": str(dest), "size": size, "sha256": sha}
         if os.path.join(self.deliverer._processed, claim.rel) != str(dest):  # " (n)" added
             fields["renamed_from"] = str(self.deliverer.processed_dir / claim.rel)
-            logger.bind(event="file.renamed", **fields).warning("name taken in processed")
+            emit("file.renamed", **fields)
         if allowlisted_signature is not None:
-            logger.bind(
-                event="file.allowlisted", signature=allowlisted_signature, **fields
-            ).warning("detected, but its sha256 is allowlisted: delivered")
+            emit("file.allowlisted", signature=allowlisted_signature, **fields)
             return Result(
-                Outcome.ALLOWLISTED, claim.rel, dest=dest, size=size, sha256=sha,
+                Outcome.ALLOWLISTED,
+                claim.rel,
+                dest=dest,
+                size=size,
+                sha256=sha,
                 signature=allowlisted_signature,
-            )  # fmt: skip
-        logger.bind(event="file.clean", **fields).info("clean")
+            )
+        emit("file.clean", **fields)
         return Result(Outcome.CLEAN, claim.rel, dest=dest, size=size, sha256=sha)
 
     def _quarantine(self, claim: Claim, fd: int, size: int, sha: str, signature: str) -> Result:
         meta = self._metadata(claim, size, sha, "infected", signature=signature)
         dest = self.deliverer.to_quarantine(claim, fd, meta)
-        logger.bind(
-            event="file.infected", path=claim.rel, dest=str(dest), id=claim.id, size=size,
-            sha256=sha, signature=signature,
-        ).warning("infected: quarantined")  # fmt: skip
+        emit(
+            "file.infected",
+            path=claim.rel,
+            dest=str(dest),
+            id=claim.id,
+            size=size,
+            sha256=sha,
+            signature=signature,
+        )
         return Result(
             Outcome.INFECTED, claim.rel, dest=dest, size=size, sha256=sha, signature=signature
         )
@@ -373,8 +369,12 @@ class Pipeline:
         cannot be moved to the quarantine without reading it (another filesystem).
         """
         fields: dict[str, Any] = {
-            "path": claim.rel, "size": size, "sha256": sha, "reason": reason, "cause": cause,
-        }  # fmt: skip
+            "path": claim.rel,
+            "size": size,
+            "sha256": sha,
+            "reason": reason,
+            "cause": cause,
+        }
         held = self.config.unscannable_policy == "hold"
         if not held:
             meta = self._metadata(claim, size, sha, "unscannable", reason=reason, cause=cause)
@@ -386,20 +386,26 @@ class Pipeline:
                 held = True
         if held:
             dest = self.staging.hold(claim)
-            logger.bind(event="file.unscannable", action="held", dest=str(dest), **fields).error(
-                "could not be scanned: held"
-            )
+            emit("file.unscannable", action="held", dest=str(dest), **fields)
             return Result(
-                Outcome.HELD, claim.rel, dest=dest, size=size, sha256=sha, reason=reason,
+                Outcome.HELD,
+                claim.rel,
+                dest=dest,
+                size=size,
+                sha256=sha,
+                reason=reason,
                 cause=cause,
-            )  # fmt: skip
-        logger.bind(
-            event="file.unscannable", action="quarantined", id=claim.id, dest=str(dest), **fields
-        ).error("could not be scanned: quarantined")
+            )
+        emit("file.unscannable", action="quarantined", id=claim.id, dest=str(dest), **fields)
         return Result(
-            Outcome.UNSCANNABLE, claim.rel, dest=dest, size=size, sha256=sha, reason=reason,
+            Outcome.UNSCANNABLE,
+            claim.rel,
+            dest=dest,
+            size=size,
+            sha256=sha,
+            reason=reason,
             cause=cause,
-        )  # fmt: skip
+        )
 
     def _reject(self, rel: str, st: os.stat_result | None, reason: str) -> Result:
         # The same entry, unless replaced (a directory's mtime changes with what it holds).
@@ -408,7 +414,7 @@ class Pipeline:
         if not self._rejections.first(key, time.monotonic()):
             # Met again by a sweep (or one of a flood): neither logged nor counted again.
             return Result(Outcome.REJECTED, rel, reason=reason, fields={"repeat": True})
-        logger.bind(event="file.rejected", path=rel, reason=reason).warning("not scanned")
+        emit("file.rejected", path=rel, reason=reason)
         return Result(Outcome.REJECTED, rel, reason=reason)
 
     def _unreadable(self, claim: Claim, err: OSError) -> Result:
@@ -416,13 +422,11 @@ class Pipeline:
         WATCHER_MAX_SCAN_ATTEMPTS times); then it is unscannable, with the reason."""
         reason = f"cannot read it: {err.strerror or err}"
         if err.errno in _OWN_SHORTAGE_ERRNOS:
-            logger.bind(event="file.error", path=claim.rel, reason=reason).error(
-                "short of resources"
-            )
+            emit("file.error", path=claim.rel, reason=reason)
             return self._retry(claim, RetryCause.ERROR, reason, self._backoff(1))
         claim.errors += 1
         if err.errno not in _LASTING_ERRNOS and claim.errors < self.config.max_scan_attempts:
-            logger.bind(event="file.error", path=claim.rel, reason=reason).exception("failed")
+            emit("file.error", path=claim.rel, reason=reason, exception=True)
             return self._retry(claim, RetryCause.ERROR, reason, self._backoff(claim.errors))
         size = None
         with contextlib.suppress(OSError):
@@ -430,7 +434,7 @@ class Pipeline:
         try:
             return self._unscannable(claim, None, size, None, reason, "unreadable")
         except (StorageError, OSError) as move_err:
-            logger.bind(event="file.error", path=claim.rel, reason=str(move_err)).error("failed")
+            emit("file.error", path=claim.rel, reason=str(move_err))
             return self._retry(claim, RetryCause.ERROR, reason, self._backoff(claim.errors))
 
     def _delivery_failed(self, claim: Claim, err: StorageError) -> Result:
@@ -444,7 +448,7 @@ class Pipeline:
                     return self._unscannable(claim, None, None, None, reason, "limits")
                 except (StorageError, OSError):
                     pass
-        logger.bind(event="file.error", path=claim.rel, reason=reason).error("delivery failed")
+        emit("file.error", path=claim.rel, reason=reason)
         claim.delivery_failures += 1
         result = self._retry(
             claim, RetryCause.DELIVERY, reason, self._backoff(claim.delivery_failures)
@@ -460,9 +464,13 @@ class Pipeline:
 
     def _retry(self, claim: Claim, cause: RetryCause, reason: str, delay_s: float) -> Result:
         return Result(
-            Outcome.RETRY, claim.rel, claim=claim, reason=reason, retry_cause=cause,
+            Outcome.RETRY,
+            claim.rel,
+            claim=claim,
+            reason=reason,
+            retry_cause=cause,
             retry_after_s=delay_s,
-        )  # fmt: skip
+        )
 
     def _backoff(self, failures: int) -> float:
         return float(min(self.config.retry_max_backoff_s, 0.5 * 2**failures))

@@ -19,8 +19,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from loguru import logger
-
 from watcher.allowlist import Allowlist
 from watcher.errors import EntryNotFound, QuarantineError
 from watcher.fsops import (
@@ -32,6 +30,7 @@ from watcher.fsops import (
     sha256_fd,
     write_json_atomic,
 )
+from watcher.logs import emit
 
 _ID = re.compile(r"^[0-9A-Za-z][0-9A-Za-z_-]{0,99}$")
 RESTORED_FILE_MODE = 0o644
@@ -100,10 +99,13 @@ class Quarantine:
             restored, sha = self._restore(entry, parts, target_dir, when)
         except OSError as err:
             raise QuarantineError(f"{entry_id}: restore failed: {err}") from err
-        logger.bind(
-            event="quarantine.restored", id=entry_id, dest=str(restored), sha256=sha,
+        emit(
+            "quarantine.restored",
+            id=entry_id,
+            dest=str(restored),
+            sha256=sha,
             original_path=entry.meta.get("original_path"),
-        ).warning("restored from quarantine; sha256 allowlisted")  # fmt: skip
+        )
         return restored
 
     def _restore(
@@ -123,9 +125,12 @@ class Quarantine:
                 os.close(fd)
             # Only now that the bytes are back: a restore that failed allowlists nothing.
             self.allowlist.add(
-                sha, quarantine_id=entry.id, original_path=entry.meta.get("original_path"),
-                signature=entry.meta.get("signature"), allowlisted_at=when,
-            )  # fmt: skip
+                sha,
+                quarantine_id=entry.id,
+                original_path=entry.meta.get("original_path"),
+                signature=entry.meta.get("signature"),
+                allowlisted_at=when,
+            )
             meta = {**entry.meta, "restored_at": when, "restored_to": str(restored)}
             write_json_atomic(
                 Path(f"{entry.id}.json"), json.dumps(meta, indent=1).encode(), dir_fd=qdir
@@ -144,10 +149,12 @@ class Quarantine:
             fsync_dir(self.directory)
         except OSError as err:
             raise QuarantineError(f"{entry_id}: delete failed: {err}") from err
-        logger.bind(
-            event="quarantine.deleted", id=entry_id, sha256=entry.meta.get("sha256"),
+        emit(
+            "quarantine.deleted",
+            id=entry_id,
+            sha256=entry.meta.get("sha256"),
             original_path=entry.meta.get("original_path"),
-        ).info("deleted from quarantine")  # fmt: skip
+        )
         return entry
 
     def _move(self, entry: Entry, qdir: int, fd: int, target_dir: Path, parts: list[str]) -> Path:
@@ -164,9 +171,14 @@ class Quarantine:
             os.close(root)
         try:
             name, _ = place_noclobber(
-                qdir, entry.id, fd, parent, noclobber_names(parts[-1]),
-                tmp_name=f".watcher-restore-{entry.id}.tmp", mode=RESTORED_FILE_MODE,
-            )  # fmt: skip
+                qdir,
+                entry.id,
+                fd,
+                parent,
+                noclobber_names(parts[-1]),
+                tmp_name=f".watcher-restore-{entry.id}.tmp",
+                mode=RESTORED_FILE_MODE,
+            )
             os.chmod(name, RESTORED_FILE_MODE, dir_fd=parent, follow_symlinks=False)
             os.fsync(parent)
         finally:

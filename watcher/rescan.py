@@ -19,8 +19,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from loguru import logger
-
 from watcher.clamav import Scanner
 from watcher.deliver import QUARANTINE_FILE_MODE
 from watcher.deliveries import Delivery, DeliveryLog
@@ -32,6 +30,7 @@ from watcher.fsops import (
     sha256_fd,
     write_json_atomic,
 )
+from watcher.logs import emit
 from watcher.staging import new_id
 from watcher.verdict import Infected, NotScanned
 
@@ -81,10 +80,14 @@ class Rescanner:
                     return report
                 done.add((entry.dest, entry.dev, entry.ino))
                 self._rescan(entry, report, version)
-        logger.bind(
-            event="rescan.finished", scanned=report.scanned, infected=report.infected,
-            skipped=report.skipped, failed=report.failed, window_s=self.window_s,
-        ).info("recent deliveries rescanned")  # fmt: skip
+        emit(
+            "rescan.finished",
+            scanned=report.scanned,
+            infected=report.infected,
+            skipped=report.skipped,
+            failed=report.failed,
+            window_s=self.window_s,
+        )
         return report
 
     def _rescan(self, entry: Delivery, report: RescanReport, version: str) -> None:
@@ -112,9 +115,7 @@ class Rescanner:
                     report.skipped += 1
             elif isinstance(verdict, NotScanned):
                 report.failed += 1
-                logger.bind(
-                    event="file.rescan_failed", path=entry.rel, reason=verdict.reason
-                ).warning("could not be rescanned")
+                emit("file.rescan_failed", path=entry.rel, reason=verdict.reason)
         finally:
             os.close(fd)
 
@@ -126,22 +127,37 @@ class Rescanner:
         record = self.quarantine_dir / f"{qid}.json"
         sha = sha256_fd(fd)
         meta: dict[str, Any] = {
-            "id": qid, "original_path": entry.rel, "processed_path": entry.dest,
-            "size": st.st_size, "sha256": sha, "verdict": "infected", "signature": signature,
-            "reason": None, "detected_late": True, "delivered_at": entry.at.isoformat(),
-            "detected_at": datetime.now(UTC).isoformat(), "clamd_version": version,
-        }  # fmt: skip
+            "id": qid,
+            "original_path": entry.rel,
+            "processed_path": entry.dest,
+            "size": st.st_size,
+            "sha256": sha,
+            "verdict": "infected",
+            "signature": signature,
+            "reason": None,
+            "detected_late": True,
+            "delivered_at": entry.at.isoformat(),
+            "detected_at": datetime.now(UTC).isoformat(),
+            "clamd_version": version,
+        }
         self.quarantine_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         write_json_atomic(record, json.dumps(meta, indent=1).encode())  # metadata first
         removed = _move_out(path, fd, st, target)
         if removed is None:
             record.unlink(missing_ok=True)
             return False
-        logger.bind(
-            event="file.infected_late", path=entry.rel, processed_path=str(path), dest=str(target),
-            id=qid, size=st.st_size, sha256=sha, signature=signature,
-            delivered_at=entry.at.isoformat(), removed_from_processed=removed,
-        ).error("delivered earlier as clean, now detected: moved to quarantine")  # fmt: skip
+        emit(
+            "file.infected_late",
+            path=entry.rel,
+            processed_path=str(path),
+            dest=str(target),
+            id=qid,
+            size=st.st_size,
+            sha256=sha,
+            signature=signature,
+            delivered_at=entry.at.isoformat(),
+            removed_from_processed=removed,
+        )
         return True
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from loguru import logger
+from watcher.logs import emit
 
 NEAR_FULL_RATIO = 0.8
 # Metadata is written just before its file arrives: a young record without data is in flight.
@@ -134,14 +134,20 @@ class Retention:
                         with contextlib.suppress(FileNotFoundError):
                             path.unlink()
         reasons = [r for _, r in plan.delete]
-        logger.bind(
-            event="quarantine.purged", count=len(plan.delete), bytes=plan.deleted_bytes,
-            expired=reasons.count(Reason.EXPIRED), over_cap=reasons.count(Reason.OVER_CAP),
-            remaining_bytes=plan.remaining_bytes, dry_run=dry_run,
-        ).info("quarantine retention applied")  # fmt: skip
+        emit(
+            "quarantine.purged",
+            count=len(plan.delete),
+            bytes=plan.deleted_bytes,
+            expired=reasons.count(Reason.EXPIRED),
+            over_cap=reasons.count(Reason.OVER_CAP),
+            remaining_bytes=plan.remaining_bytes,
+            dry_run=dry_run,
+        )
         if self.max_bytes and plan.remaining_bytes > NEAR_FULL_RATIO * self.max_bytes:
-            logger.bind(
-                event="quarantine.near_full", bytes=plan.remaining_bytes, max_bytes=self.max_bytes,
+            emit(
+                "quarantine.near_full",
+                bytes=plan.remaining_bytes,
+                max_bytes=self.max_bytes,
                 percent=round(100 * plan.remaining_bytes / self.max_bytes, 1),
-            ).warning("quarantine is past 80% of WATCHER_QUARANTINE_MAX_BYTES")  # fmt: skip
+            )
         return plan

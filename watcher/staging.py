@@ -29,8 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loguru import logger
-
 from watcher.errors import StorageError
 from watcher.fsops import (
     DIR_FLAGS,
@@ -42,6 +40,7 @@ from watcher.fsops import (
     split_rel,
     write_json_atomic,
 )
+from watcher.logs import emit
 
 _DATA = ".data"
 HELD = "held"
@@ -327,7 +326,7 @@ class Staging:
             entry = entries.get(claim_id)
             if entry is None or "rel" not in entry:
                 # Data without its line can only follow a power loss: keep the bytes, not the name.
-                logger.bind(event="staging.unnamed", id=claim_id).warning("claim without a name")
+                emit("staging.unnamed", id=claim_id)
                 entry = {"rel": f"recovered/{claim_id}", "at": time.time()}
             claim = Claim(claim_id, entry["rel"], self.dir / data, entry["at"])
             self.journal.claim(claim)
@@ -390,6 +389,4 @@ def _move_aside(parent_fd: int, name: str, why: str) -> None:
         os.rename(name, aside, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
     except FileNotFoundError:
         return
-    logger.bind(event="staging.impostor", name=name, moved_to=aside, reason=why).error(
-        "something else held the name of our private directory: moved aside, not used"
-    )
+    emit("staging.impostor", name=name, moved_to=aside, reason=why)

@@ -36,8 +36,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from loguru import logger
-
 from watcher.clamav import Scanner
 from watcher.definitions import (
     CANARY_NAME,
@@ -48,19 +46,45 @@ from watcher.definitions import (
 )
 from watcher.errors import ClamdUnavailable
 from watcher.fsops import write_json_atomic
+from watcher.logs import emit
 from watcher.rescan import Rescanner
 from watcher.verdict import Infected
 
 # freshclam 1.x exits with libfreshclam's fc_error_t; its man page still lists the 0.x codes.
 FRESHCLAM_CAUSES = {
-    2: "init", 3: "database_dir", 4: "file", 5: "network", 6: "empty_file", 7: "bad_database",
-    8: "test_failed", 9: "config", 10: "database_dir_access", 11: "download_failed",
-    12: "mirrors_out_of_sync", 13: "logging", 14: "update_failed", 15: "out_of_memory",
-    16: "invalid_argument", 17: "forbidden", 18: "rate_limited", 19: "error",
-    40: "unknown_option", 50: "database_dir", 51: "checksum", 52: "network", 53: "unlink",
-    54: "verification", 55: "read", 56: "config", 57: "create_file", 58: "download_failed",
-    59: "mirrors_out_of_sync", 60: "user", 61: "privileges", 62: "logging",
-}  # fmt: skip
+    2: "init",
+    3: "database_dir",
+    4: "file",
+    5: "network",
+    6: "empty_file",
+    7: "bad_database",
+    8: "test_failed",
+    9: "config",
+    10: "database_dir_access",
+    11: "download_failed",
+    12: "mirrors_out_of_sync",
+    13: "logging",
+    14: "update_failed",
+    15: "out_of_memory",
+    16: "invalid_argument",
+    17: "forbidden",
+    18: "rate_limited",
+    19: "error",
+    40: "unknown_option",
+    50: "database_dir",
+    51: "checksum",
+    52: "network",
+    53: "unlink",
+    54: "verification",
+    55: "read",
+    56: "config",
+    57: "create_file",
+    58: "download_failed",
+    59: "mirrors_out_of_sync",
+    60: "user",
+    61: "privileges",
+    62: "logging",
+}
 COOL_DOWN_CAUSES = {"rate_limited", "forbidden"}
 COOL_DOWN_S = 24 * 3600.0
 MAX_BACKOFF_S = 24 * 3600.0
@@ -261,7 +285,7 @@ class Updater:
         state.last_attempt_at = now
         state.pending = "reload"  # until we know nothing changed: a crash then reloads
         self._save(state)
-        logger.bind(event="definitions.update_started", command=self.argv).debug("updating")
+        emit("definitions.update_started", command=self.argv)
         started = time.monotonic()
         result = run_command(self.argv, self.timeout_s, self.stop)
         databases = updated_databases(result.output)
@@ -279,10 +303,11 @@ class Updater:
             self._save(state)
             if result.ok:
                 self.definitions.record_update(now, None)
-                logger.bind(
-                    event="definitions.current", clamd_version=before_version,
+                emit(
+                    "definitions.current",
+                    clamd_version=before_version,
                     duration_s=round(time.monotonic() - started, 3),
-                ).info("definitions are up to date")  # fmt: skip
+                )
             return UpdateOutcome.CURRENT if result.ok else UpdateOutcome.FAILED
         self._save(state)
         notified = any(_NOTIFIED in line for line in result.output)
@@ -320,15 +345,18 @@ class Updater:
         if self.on_reloaded is not None:
             self.on_reloaded()
         sigs = sum(db["sigs"] for db in databases.values()) if databases else None
-        logger.bind(
-            event="definitions.updated", clamd_version=version, version=loaded.version,
-            built_at=loaded.built_at.isoformat() if loaded.built_at else None, sigs=sigs,
-            databases=databases, reload_confirmed=confirmed, notified_by_freshclam=notified,
-        ).info("new definitions loaded by clamd")  # fmt: skip
+        emit(
+            "definitions.updated",
+            clamd_version=version,
+            version=loaded.version,
+            built_at=loaded.built_at.isoformat() if loaded.built_at else None,
+            sigs=sigs,
+            databases=databases,
+            reload_confirmed=confirmed,
+            notified_by_freshclam=notified,
+        )
         if not confirmed:
-            logger.bind(event="definitions.reload_unconfirmed", clamd_version=version).warning(
-                "could not confirm that clamd loaded the new definitions"
-            )
+            emit("definitions.reload_unconfirmed", clamd_version=version)
         state.pending = "rescan"
         self._save(state)
         return loaded
@@ -337,7 +365,7 @@ class Updater:
         try:
             report = self.rescanner.run(now)
         except ClamdUnavailable as err:
-            logger.bind(event="rescan.postponed", reason=str(err)).warning("clamd unavailable")
+            emit("rescan.postponed", reason=str(err))
             return
         if report.complete:
             state.pending = None
@@ -380,7 +408,7 @@ class Updater:
         try:  # via a hidden temp name: clamd never loads half a file
             write_json_atomic(self.definitions_dir / CANARY_NAME, line, mode=0o644)
         except OSError as err:
-            logger.bind(event="definitions.canary_unwritable", reason=str(err)).debug("no canary")
+            emit("definitions.canary_unwritable", reason=str(err))
             return None
         return token
 
@@ -404,7 +432,7 @@ class Updater:
         except FileNotFoundError:
             return UpdateState()
         except (OSError, ValueError, TypeError) as err:
-            logger.bind(event="definitions.state_unreadable", reason=str(err)).warning("reset")
+            emit("definitions.state_unreadable", reason=str(err))
             return UpdateState()
 
     def _save(self, state: UpdateState) -> None:
@@ -430,11 +458,14 @@ class Updater:
     def _log_failure(self, state: UpdateState, cause: str, result: CommandResult) -> None:
         self.definitions.record_update(datetime.now(UTC), cause)
         due = next_attempt_at(state, self.interval_s, None)
-        logger.bind(
-            event="definitions.update_failed", cause=cause, exit_code=result.exit_code,
+        emit(
+            "definitions.update_failed",
+            cause=cause,
+            exit_code=result.exit_code,
             output=[line[:300] for line in result.output[-OUTPUT_LINES:]],
-            failures=state.failures, next_attempt_at=due.isoformat() if due else None,
-        ).error("definitions update failed")  # fmt: skip
+            failures=state.failures,
+            next_attempt_at=due.isoformat() if due else None,
+        )
 
     @contextlib.contextmanager
     def _locked(self, wait: bool) -> Iterator[bool]:

@@ -10,8 +10,13 @@ from typing import Literal
 # the `file.unscannable` event and the `watcher_unscannable_total` metric.
 Cause = Literal["encrypted", "limits", "malformed", "unsupported", "scan_error", "unreadable"]
 CAUSES: tuple[Cause, ...] = (
-    "encrypted", "limits", "malformed", "unsupported", "scan_error", "unreadable",
-)  # fmt: skip
+    "encrypted",
+    "limits",
+    "malformed",
+    "unsupported",
+    "scan_error",
+    "unreadable",
+)
 
 
 @dataclass(frozen=True)

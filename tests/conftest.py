@@ -12,7 +12,7 @@ import pytest
 from loguru import logger
 from support import Clamd, Events, loguru_events
 
-from watcher.daemon import Daemon
+from watcher.service import Service
 from watcher.settings import Settings
 
 if shutil.which("clamd") is None:
@@ -75,19 +75,20 @@ def make_settings(dirs: dict[str, Path], clamd_server: Clamd) -> Callable[..., S
 @pytest.fixture
 def start_daemon(
     make_settings: Callable[..., Settings], events: Events
-) -> Iterator[Callable[..., Daemon]]:
-    """Start an in-process daemon (no signal handlers); closed at the end of the test."""
-    started: list[Daemon] = []
+) -> Iterator[Callable[..., Service]]:
+    """Start the daemon in-process with its jobs and HTTP surface, as `watcher run` composes
+    them (watcher/service.py), without signal handlers; closed at the end of the test."""
+    started: list[Service] = []
 
-    def start(**overrides: Any) -> Daemon:
-        daemon = Daemon(make_settings(**overrides))
-        daemon.start()
-        started.append(daemon)
-        return daemon
+    def start(**overrides: Any) -> Service:
+        service = Service(make_settings(**overrides))
+        service.start()
+        started.append(service)
+        return service
 
     yield start
-    for daemon in started:
-        daemon.close()
+    for service in started:
+        service.close()
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from typing import Any
 
 from support import run_cli
 
-from watcher.daemon import Daemon
+from watcher.service import Service
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,13 +30,13 @@ class Response:
         return json.loads(self.body)
 
 
-def address(daemon: Daemon) -> tuple[str, int]:
+def address(daemon: Service) -> tuple[str, int]:
     assert daemon.ops.server is not None, "the daemon has no HTTP server"
     return daemon.ops.server.address
 
 
-def get(target: Daemon | tuple[str, int], path: str, timeout_s: float = 10.0) -> Response:
-    host, port = address(target) if isinstance(target, Daemon) else target
+def get(target: Service | tuple[str, int], path: str, timeout_s: float = 10.0) -> Response:
+    host, port = address(target) if isinstance(target, Service) else target
     conn = http.client.HTTPConnection(host, port, timeout=timeout_s)
     try:
         conn.request("GET", path)

@@ -15,14 +15,14 @@ import yaml
 from http_support import get
 from prometheus_client.parser import text_string_to_metric_families
 
-from watcher.daemon import Daemon
 from watcher.events import CATALOG, alerted
+from watcher.service import Service
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS_RULES = ROOT / "docs" / "alerting" / "prometheus-rules.yml"
 LOKI_RULES = ROOT / "docs" / "alerting" / "loki-rules.yml"
 LOGQL_CHECK = ROOT / "tests" / "logql" / "check.mjs"
-Start = Callable[..., Daemon]
+Start = Callable[..., Service]
 
 
 def rules(path: Path) -> list[dict[str, Any]]:

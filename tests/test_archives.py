@@ -26,10 +26,10 @@ from archive_cases import (
 from http_support import get
 from support import Clamd, Events, files_under, quarantined, run_cli
 
-from watcher.daemon import Daemon
+from watcher.service import Service
 from watcher.verdict import Clean, Infected, NotScanned, parse_reply
 
-Start = Callable[..., Daemon]
+Start = Callable[..., Service]
 
 
 def upload(dirs: dict[str, Path], name: str, data: bytes) -> None:

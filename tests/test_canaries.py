@@ -11,7 +11,7 @@ from archive_cases import INFECTED, nest
 from http_support import get, watcher_cli
 from support import Clamd, Events, files_under, wait_until
 
-from watcher.daemon import Daemon
+from watcher.service import Service
 from watcher.settings import Settings
 from watcher.verdict import Clean, NotScanned
 
@@ -35,7 +35,7 @@ def healthcheck(dirs: dict[str, Path]) -> tuple[int, str]:
 def test_a_clamd_without_alert_exceeds_max_holds_files_until_it_is_fixed(
     make_settings: MakeSettings, stock_clamd: Clamd, dirs: dict[str, Path], events: Events
 ) -> None:
-    daemon = Daemon(make_settings(clamav_socket=stock_clamd.socket))
+    daemon = Service(make_settings(clamav_socket=stock_clamd.socket))
     daemon.start()
     try:
         (untrusted,) = events.wait_for("clamd.untrusted")
@@ -48,7 +48,9 @@ def test_a_clamd_without_alert_exceeds_max_holds_files_until_it_is_fixed(
         assert "watcher_clamd_trusted 0.0" in metrics
 
         (dirs["uploads"] / "report.txt").write_bytes(b"waits for a clamd we can trust\n")
-        wait_until(lambda: len(daemon.queue) == 1, what="the file queued")  # workers hold off
+        wait_until(
+            lambda: len(daemon.daemon.queue) == 1, what="the file queued"
+        )  # workers hold off
         assert files_under(dirs["uploads"]) == {"report.txt": b"waits for a clamd we can trust\n"}
         assert files_under(dirs["processed"]) == {}
 
@@ -68,7 +70,7 @@ def test_a_reload_that_loses_the_signatures_makes_the_daemon_unready(
     make_settings: MakeSettings, own_clamd: Clamd, dirs: dict[str, Path], events: Events
 ) -> None:
     lose_eicar = f"rm {own_clamd.db / 'watcher-test.ndb'}"
-    daemon = Daemon(
+    daemon = Service(
         make_settings(
             clamav_socket=own_clamd.socket, definitions_dir=own_clamd.db, update_command=lose_eicar
         )

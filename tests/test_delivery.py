@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from support import EICAR, TESTFILES, Events, files_under, quarantined
 
-from watcher.daemon import Daemon
+from watcher.service import Service
 
-Start = Callable[..., Daemon]
+Start = Callable[..., Service]
 
 
 def write(path: Path, data: bytes) -> Path:
@@ -239,7 +239,7 @@ def test_more_files_than_the_queue_holds_are_all_delivered(
     assert files_under(dirs["processed"]) == {
         f"f{n:03}.txt": f"body {n}".encode() for n in range(400)
     }
-    assert daemon.intake.sweeps >= 2  # dropped hints were recovered by a sweep
+    assert daemon.daemon.intake.sweeps >= 2  # dropped hints were recovered by a sweep
 
 
 def test_scanning_disabled_delivers_but_says_unscanned(

@@ -14,11 +14,11 @@ import pytest
 from http_support import ROOT, get, watcher_cli
 from support import Clamd, DaemonProcess, Events
 
-from watcher.daemon import Daemon
-from watcher.healthcheck import DEFAULT_STATE_DIR, state_dir
+from watcher.heartbeat import DEFAULT_STATE_DIR, state_dir
+from watcher.service import Service
 from watcher.settings import Settings
 
-Start = Callable[..., Daemon]
+Start = Callable[..., Service]
 
 
 def healthcheck(dirs: dict[str, Path]) -> tuple[int, str, float]:
@@ -44,7 +44,7 @@ def test_ready_daemon_answers_200_everywhere_and_healthcheck_exits_0(
 def test_clamd_stopped_fails_readiness_and_healthcheck_then_both_recover(
     make_settings: Callable[..., Settings], own_clamd: Clamd, dirs: dict[str, Path], events: Events
 ) -> None:
-    daemon = Daemon(make_settings(clamav_socket=own_clamd.socket))
+    daemon = Service(make_settings(clamav_socket=own_clamd.socket))
     daemon.start()
     try:
         own_clamd.stop()
@@ -70,10 +70,10 @@ def test_clamd_stopped_fails_readiness_and_healthcheck_then_both_recover(
 
 def test_stale_definitions_fail_readiness(start_daemon: Start) -> None:
     daemon = start_daemon()
-    daemon.definitions.set_stale(True)  # what the staleness job does
+    daemon.daemon.definitions.set_stale(True)  # what the staleness job does
     ready = get(daemon, "/readyz")
     assert ready.status == 503 and ready.json()["failing"] == ["definitions"]
-    daemon.definitions.set_stale(False)
+    daemon.daemon.definitions.set_stale(False)
     assert get(daemon, "/readyz").status == 200
 
 
@@ -123,7 +123,7 @@ def test_unknown_route_is_404_json(start_daemon: Start) -> None:
 
 def test_healthcheck_loads_only_the_standard_library(dirs: dict[str, Path]) -> None:
     probe = (
-        "import sys; from watcher.entry import main; main(['healthcheck']); "
+        "import sys; from watcher.cli import main; main(['healthcheck']); "
         "heavy = ('pydantic', 'clamd', 'watchdog', 'loguru', 'prometheus_client', "
         "'watcher.daemon', 'watcher.settings'); print([m for m in heavy if m in sys.modules])"
     )

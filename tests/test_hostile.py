@@ -12,9 +12,9 @@ from pathlib import Path
 
 from support import EICAR, Events, files_under, quarantined
 
-from watcher.daemon import Daemon
+from watcher.service import Service
 
-Start = Callable[..., Daemon]
+Start = Callable[..., Service]
 
 
 def test_symlink_is_rejected_and_its_target_untouched(
@@ -72,8 +72,8 @@ def test_rejection_is_logged_once_per_entry_not_per_sweep(
     daemon = start_daemon()
     events.wait_for("file.rejected", path="pipe")
     for _ in range(3):
-        before = daemon.intake.sweeps
-        daemon.intake.request_sweep()
+        before = daemon.daemon.intake.sweeps
+        daemon.daemon.intake.request_sweep()
         events.wait_for("intake.swept", count=before + 1)
     assert len(events.named("file.rejected", path="pipe")) == 1
 

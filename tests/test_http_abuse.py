@@ -28,9 +28,9 @@ from http_support import (
 )
 from support import DaemonProcess, files_under, wait_until
 
-from watcher.daemon import Daemon
+from watcher.service import Service
 
-Start = Callable[..., Daemon]
+Start = Callable[..., Service]
 
 
 def wait_request(rel: str, wait_s: int = 30) -> bytes:
@@ -236,7 +236,7 @@ def test_the_listening_socket_survives_a_client_that_never_reads(start_daemon: S
 # backend is a stand-in (the seam), sockets, limits and the process are real.
 _FULL_PROCESS = """
 import json, os, resource, sys
-from watcher.httpserver import HttpServer, Limits
+from watcher.ops.server import HttpServer, Limits
 from watcher.logs import configure_logging
 
 class Backend:

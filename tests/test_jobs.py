@@ -20,13 +20,14 @@ import pytest
 from sigserver import SignatureServer, freshclam_command
 from support import EICAR, Clamd, Events, files_under, quarantined, run_cli, wait_until
 
-from watcher.daemon import Daemon, scanner_from_settings
+from watcher.clamav import scanner_from_settings
 from watcher.definitions import DefinitionsState
-from watcher.deliveries import Delivery
 from watcher.jobs import Jobs
-from watcher.jobstatus import JobStatus
+from watcher.jobs.deliveries import Delivery
+from watcher.jobs.status import JobStatus
+from watcher.jobs.updates import UpdateOutcome
+from watcher.service import Service
 from watcher.settings import Settings
-from watcher.updates import UpdateOutcome
 from watcher.verdict import Infected, Verdict
 
 MakeSettings = Callable[..., Settings]
@@ -76,7 +77,7 @@ def test_new_signatures_move_a_delivered_file_to_quarantine_and_stop_new_uploads
     marker = new_marker()
     late_body = b"quarterly report\n" + marker + b"\nend\n"
     command = freshclam_command(tmp_path / "freshclam.conf", own_clamd.db, mirror.url("new.ndb"))
-    daemon = Daemon(
+    daemon = Service(
         make_settings(
             clamav_socket=own_clamd.socket, definitions_dir=own_clamd.db, update_command=command
         )

@@ -21,12 +21,11 @@ from watcher.definitions import (
     fingerprint,
     newest_file_time,
 )
-from watcher.deliveries import Delivery, DeliveryLog
 from watcher.errors import ConfigError
 from watcher.jobs import Jobs
-from watcher.retention import Item, Reason, Retention, plan_purge
-from watcher.settings import Settings, load_settings
-from watcher.updates import (
+from watcher.jobs.deliveries import Delivery, DeliveryLog
+from watcher.jobs.retention import Item, Reason, Retention, plan_purge
+from watcher.jobs.updates import (
     UpdateOutcome,
     UpdateState,
     failure_cause,
@@ -34,6 +33,7 @@ from watcher.updates import (
     run_command,
     updated_databases,
 )
+from watcher.settings import Settings, load_settings
 from watcher.verdict import Clean, Infected, Verdict
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)

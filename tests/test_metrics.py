@@ -11,13 +11,13 @@ from http_support import get
 from prometheus_client.parser import text_string_to_metric_families
 from support import EICAR, Events
 
-from watcher.daemon import Daemon
-from watcher.metrics import oldest_pending_s
+from watcher.ops.metrics import oldest_pending_s
+from watcher.service import Service
 
-Start = Callable[..., Daemon]
+Start = Callable[..., Service]
 
 
-def scrape(daemon: Daemon) -> Samples:
+def scrape(daemon: Service) -> Samples:
     response = get(daemon, "/metrics")
     assert response.status == 200 and response.content_type.startswith("text/plain")
     samples = {}
@@ -62,8 +62,8 @@ def test_files_are_counted_by_verdict_with_scan_durations(
 def test_job_success_hook_and_definitions_state_are_exported(start_daemon: Start) -> None:
     daemon = start_daemon()
     when = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
-    daemon.job_status.record_success("update", when)
-    daemon.definitions.set_stale(True)
+    daemon.jobs.status.record_success("update", when)
+    daemon.daemon.definitions.set_stale(True)
     samples = scrape(daemon)
     assert value(samples, "watcher_job_last_success_timestamp_seconds", job="update") == (
         when.timestamp()
@@ -82,5 +82,5 @@ def test_a_file_still_being_written_counts_as_pending(
         assert value(scrape(daemon), "watcher_oldest_pending_seconds") > 0
         later = time.time() + 100  # time passed in: the same file, 100 s on
         staging = daemon.settings.staging_root
-        assert 99 < oldest_pending_s(daemon.intake.walk(), staging, later) < 102
+        assert 99 < oldest_pending_s(daemon.daemon.intake.walk(), staging, later) < 102
         assert oldest_pending_s([], staging, later) == 0

@@ -17,12 +17,13 @@ import pytest
 from http_support import get, watcher_cli
 from support import EICAR, Events, files_under, quarantined, wait_until
 
-from watcher.daemon import Daemon, scanner_from_settings
+from watcher.clamav import scanner_from_settings
 from watcher.definitions import DefinitionsState
-from watcher.deliveries import Delivery
 from watcher.jobs import Jobs
+from watcher.jobs.deliveries import Delivery
+from watcher.service import Service
 
-Start = Callable[..., Daemon]
+Start = Callable[..., Service]
 
 
 def _mount(*args: str) -> None:
@@ -128,7 +129,7 @@ def test_a_destination_that_refuses_every_file_makes_the_daemon_not_ready(
 ) -> None:
     """The one faked seam: deliveries into processed fail (EIO) until the fault is cleared."""
     daemon = start_daemon(heartbeat_interval_s=0.2, retry_max_backoff_s=0.5)
-    place = daemon.deliverer._place
+    place = daemon.daemon.deliverer._place
     broken = True
 
     def failing(claim: Any, fd: int, dir_fd: int, directory: str, *args: Any) -> str:
@@ -136,7 +137,7 @@ def test_a_destination_that_refuses_every_file_makes_the_daemon_not_ready(
             raise OSError(errno.EIO, "Input/output error")
         return place(claim, fd, dir_fd, directory, *args)
 
-    monkeypatch.setattr(daemon.deliverer, "_place", failing)
+    monkeypatch.setattr(daemon.daemon.deliverer, "_place", failing)
     for n in range(3):
         (dirs["uploads"] / f"f{n}.txt").write_bytes(b"waits")
     (failing_event,) = events.wait_for("delivery.failing")

@@ -12,12 +12,12 @@ import pytest
 from http_support import ROOT, address
 from support import EICAR, wait_until
 
-from watcher.daemon import Daemon
+from watcher.service import Service
 
 EXAMPLE = ROOT / "docs" / "examples" / "wait-for-verdict.mjs"
 
 
-def run_example(daemon: Daemon, rel: str) -> subprocess.Popen[str]:
+def run_example(daemon: Service, rel: str) -> subprocess.Popen[str]:
     node = shutil.which("node")
     if node is None:
         pytest.skip("node not installed")
@@ -29,7 +29,7 @@ def run_example(daemon: Daemon, rel: str) -> subprocess.Popen[str]:
 
 
 def test_example_waits_for_an_upload_written_after_it_asked(
-    start_daemon: Callable[..., Daemon], dirs: dict[str, Path]
+    start_daemon: Callable[..., Service], dirs: dict[str, Path]
 ) -> None:
     daemon = start_daemon()
     proc = run_example(daemon, "user 7/photo.jpg")
@@ -43,7 +43,7 @@ def test_example_waits_for_an_upload_written_after_it_asked(
 
 
 def test_example_exits_1_for_an_infected_upload(
-    start_daemon: Callable[..., Daemon], dirs: dict[str, Path]
+    start_daemon: Callable[..., Service], dirs: dict[str, Path]
 ) -> None:
     daemon = start_daemon()
     (dirs["uploads"] / "bad.com").write_bytes(EICAR)

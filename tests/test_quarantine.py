@@ -12,9 +12,9 @@ from urllib.parse import quote
 from http_support import get, watcher_cli
 from support import EICAR, Events, files_under, quarantined
 
-from watcher.daemon import Daemon
+from watcher.service import Service
 
-Start = Callable[..., Daemon]
+Start = Callable[..., Service]
 
 
 def cli(dirs: dict[str, Path], *args: str):  # type: ignore[no-untyped-def]
@@ -29,7 +29,7 @@ def cli(dirs: dict[str, Path], *args: str):  # type: ignore[no-untyped-def]
     )  # fmt: skip
 
 
-def quarantine_one(daemon: Daemon, dirs: dict[str, Path], name: str, data: bytes) -> str:
+def quarantine_one(daemon: Service, dirs: dict[str, Path], name: str, data: bytes) -> str:
     """Upload `data` as `name`, wait for its verdict, return its quarantine id."""
     (dirs["uploads"] / name).parent.mkdir(parents=True, exist_ok=True)
     (dirs["uploads"] / name).write_bytes(data)

@@ -25,11 +25,11 @@ from support import (
     wait_until,
 )
 
-from watcher.daemon import Daemon
-from watcher.staging import Staging
+from watcher.claims import Staging
+from watcher.service import Service
 from watcher.verdict import Clean, NotScanned, Verdict
 
-Start = Callable[..., Daemon]
+Start = Callable[..., Service]
 
 
 def corpus(n: int, seed: int = 7) -> dict[str, bytes]:
@@ -63,7 +63,7 @@ def assert_each_exactly_once(dirs: dict[str, Path], files: dict[str, bytes]) -> 
 def test_clamd_down_files_wait_then_flow_when_it_returns(
     make_settings: Callable[..., object], own_clamd: Clamd, dirs: dict[str, Path], events: Events
 ) -> None:
-    daemon = Daemon(make_settings(clamav_socket=own_clamd.socket))  # type: ignore[arg-type]
+    daemon = Service(make_settings(clamav_socket=own_clamd.socket))  # type: ignore[arg-type]
     daemon.start()
     try:
         (dirs["uploads"] / "before.txt").write_bytes(b"ok")
@@ -89,7 +89,7 @@ def test_clamd_frozen_past_the_scan_timeout_is_retried_never_passed(
     make_settings: Callable[..., object], own_clamd: Clamd, dirs: dict[str, Path], events: Events
 ) -> None:
     settings = make_settings(clamav_socket=own_clamd.socket, scan_timeout_s=0.5, workers=2)
-    daemon = Daemon(settings)  # type: ignore[arg-type]
+    daemon = Service(settings)  # type: ignore[arg-type]
     daemon.start()
     try:
         own_clamd.freeze()
@@ -156,7 +156,7 @@ def test_delivery_across_filesystems_is_complete_and_atomic(
         pytest.skip("/dev/shm is on the same filesystem as the test directory")
     try:
         settings = make_settings(processed_dir=shm / "processed", quarantine_dir=shm / "q")
-        daemon = Daemon(settings)  # type: ignore[arg-type]
+        daemon = Service(settings)  # type: ignore[arg-type]
         daemon.start()
         files = corpus(40, seed=3)
         drop(dirs["uploads"], files)
@@ -218,7 +218,7 @@ def test_errors_from_clamd_are_never_clean(
     make_settings: Callable[..., object], dirs: dict[str, Path], events: Events, reply: Verdict
 ) -> None:
     scanner = ScriptedScanner([reply] * 10)
-    daemon = Daemon(make_settings(max_scan_attempts=3, retry_max_backoff_s=0.05), scanner)  # type: ignore[arg-type]
+    daemon = Service(make_settings(max_scan_attempts=3, retry_max_backoff_s=0.05), scanner)  # type: ignore[arg-type]
     daemon.start()
     try:
         (dirs["uploads"] / "e.txt").write_bytes(b"could be anything")
@@ -250,7 +250,7 @@ def test_a_writer_arriving_during_the_scan_cannot_change_what_is_delivered(
         wait_until(lambda: fcntl.fcntl(fd, fcntl.F_GETLEASE) != fcntl.F_RDLCK, what="lease break")
 
     scanner = ScriptedScanner([], reopen_for_writing)
-    daemon = Daemon(make_settings(), scanner)  # type: ignore[arg-type]
+    daemon = Service(make_settings(), scanner)  # type: ignore[arg-type]
     daemon.start()
     try:
         (dirs["uploads"] / "grow.txt").write_bytes(b"start")
@@ -276,7 +276,7 @@ def test_claims_left_by_a_daemon_that_stopped_are_taken_over_without_a_restart(
     assert gone.claim(uploads_fd, ".left.txt", "left.txt") is not None
     os.close(uploads_fd)
     gone.close()  # a clean stop with a claim still waiting (clamd was down, say)
-    daemon.intake.request_sweep()
+    daemon.daemon.intake.request_sweep()
     events.wait_for("staging.adopted", path="left.txt")
     events.wait_for("file.clean", path="left.txt")
     assert files_under(dirs["processed"]) == {"left.txt": b"waited in a stopped daemon's staging"}
@@ -290,7 +290,7 @@ def test_a_lasting_filesystem_error_backs_off_instead_of_flooding_the_log(
         def scan_fd(self, fd: int) -> Verdict:
             raise OSError(errno.EIO, "Input/output error")  # a disk fault: it may pass
 
-    daemon = Daemon(make_settings(), Failing([]))  # type: ignore[arg-type]
+    daemon = Service(make_settings(), Failing([]))  # type: ignore[arg-type]
     daemon.start()
     try:
         (dirs["uploads"] / "stuck.txt").write_bytes(b"cannot be read")

@@ -12,13 +12,13 @@ from typing import Any
 import pytest
 from support import EICAR, Events, files_under
 
-from watcher.daemon import Daemon
+from watcher.service import Service
 
 BIG = b"x" * 4096
 
 
 def test_full_processed_logged_once_while_small_files_and_quarantine_still_flow(
-    start_daemon: Callable[..., Daemon],
+    start_daemon: Callable[..., Service],
     dirs: dict[str, Path],
     events: Events,
     monkeypatch: pytest.MonkeyPatch,
@@ -29,7 +29,7 @@ def test_full_processed_logged_once_while_small_files_and_quarantine_still_flow(
     daemon = start_daemon()
     full = threading.Event()
     full.set()
-    place = daemon.deliverer._place
+    place = daemon.daemon.deliverer._place
 
     def place_unless_full(claim: Any, fd: int, dir_fd: int, directory: str, *args: Any) -> str:
         too_big = os.fstat(fd).st_size >= len(BIG)  # a nearly full disk: small files still fit
@@ -37,7 +37,7 @@ def test_full_processed_logged_once_while_small_files_and_quarantine_still_flow(
             raise OSError(errno.ENOSPC, "No space left on device")
         return place(claim, fd, dir_fd, directory, *args)
 
-    monkeypatch.setattr(daemon.deliverer, "_place", place_unless_full)
+    monkeypatch.setattr(daemon.daemon.deliverer, "_place", place_unless_full)
     (dirs["uploads"] / "big.bin").write_bytes(BIG)
     events.wait_for("storage.full", path="big.bin")
     (dirs["uploads"] / "small.txt").write_bytes(b"fits")

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from loguru import logger
 
-from watcher.deliver import Deliverer
+from watcher.claims import Claim, Journal, Staging
+from watcher.delivery import Deliverer
 from watcher.fsops import copy_to_new_file, noclobber_names
-from watcher.staging import Claim, Journal, Staging
 from watcher.verdict import Clean, Infected, NotScanned, parse_reply
 
 
@@ -160,7 +160,7 @@ def test_journal_line_without_data_is_dropped_and_torn_lines_ignored(tmp_path: P
 def test_journal_segments_are_deleted_once_settled(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("watcher.staging.SEGMENT_BYTES", 200)
+    monkeypatch.setattr("watcher.claims.SEGMENT_BYTES", 200)
     uploads = tmp_path / "uploads"
     uploads.mkdir()
     staging = Staging(uploads / ".watcher")

@@ -13,11 +13,11 @@ import pytest
 from http_support import Response, get
 from support import EICAR, Clamd, wait_until
 
-from watcher.daemon import Daemon
+from watcher.ops.verdicts import FileStatus, Verdicts
+from watcher.service import Service
 from watcher.settings import Settings
-from watcher.verdicts import FileStatus, Verdicts
 
-Start = Callable[..., Daemon]
+Start = Callable[..., Service]
 
 
 def in_background(fn: Callable[[], Response]) -> tuple[threading.Thread, list[Response]]:
@@ -114,7 +114,7 @@ def test_the_staging_area_is_not_visible(start_daemon: Start) -> None:
 def test_a_file_being_scanned_is_pending_even_when_its_name_had_a_verdict(
     make_settings: Callable[..., Settings], own_clamd: Clamd, dirs: dict[str, Path]
 ) -> None:
-    daemon = Daemon(make_settings(clamav_socket=own_clamd.socket))
+    daemon = Service(make_settings(clamav_socket=own_clamd.socket))
     daemon.start()
     upload = dirs["uploads"] / "a.txt"
     try:

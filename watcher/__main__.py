@@ -1,3 +1,3 @@
-from watcher.entry import main
+from watcher.cli import main
 
 raise SystemExit(main())

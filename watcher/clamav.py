@@ -25,6 +25,7 @@ import clamd
 
 from watcher.errors import ClamdUnavailable
 from watcher.sessions import SessionPool
+from watcher.settings import Settings
 from watcher.verdict import NotScanned, Verdict, parse_reply
 
 INSTREAM_CHUNK_BYTES = 1024 * 1024
@@ -360,3 +361,13 @@ class ClamdScanner:
             raise ClamdUnavailable(f"STATS: {err}") from err
         match = re.search(r"\bmax (\d+)", stats)
         return int(match.group(1)) if match else None
+
+
+def scanner_from_settings(settings: Settings) -> ClamdScanner:
+    return ClamdScanner(
+        socket_path=settings.clamav_socket,
+        host=settings.clamav_host,
+        port=settings.clamav_port,
+        scan_timeout_s=settings.scan_timeout_s,
+        connect_timeout_s=settings.connect_timeout_s,
+    )

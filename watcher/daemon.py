@@ -1,36 +1,37 @@
-"""The daemon's lifecycle: intake → bounded queue → scan workers, with clamd's health in between.
+"""The daemon's core: intake → bounded queue → scan workers, with clamd's health in between.
 
-`Daemon.start()` / `close()` run without signal handlers (tests, embedding); `run()` adds them.
-While clamd is down the workers take nothing new (intake pauses, files wait in uploads) and a
-monitor pings with backoff until it answers again.
+`Daemon.start()` / `drain()` / `close()` run without signal handlers; watcher/service.py puts
+the daemon together with its scheduled jobs and operations surface, which it knows nothing
+of: they read its state (`alive`, `queue_depth`, `failing`, ...) and listen to its results
+(`add_listener`). While clamd is down, or fails its canaries, the workers take nothing new
+(files wait in uploads) and a monitor pings with backoff until it answers again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
+import os
 import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from watcher.allowlist import Allowlist
 from watcher.archives import inspector_from_settings
 from watcher.canaries import ClamdCheck
-from watcher.clamav import ClamdScanner, Scanner
+from watcher.claims import Claim, Staging
+from watcher.clamav import ClamdScanner, Scanner, scanner_from_settings
 from watcher.definitions import DefinitionsState, LoadedDefinitions
-from watcher.deliver import Deliverer
+from watcher.delivery import Deliverer
 from watcher.errors import ClamdUnavailable
 from watcher.intake import Intake
-from watcher.jobs import Jobs
-from watcher.jobstatus import JobStatus
 from watcher.logs import emit
-from watcher.ops import Operations
 from watcher.pipeline import Outcome, Pipeline, PipelineConfig, Result, RetryCause
 from watcher.settings import Settings, check_disjoint
-from watcher.staging import Claim, Staging
 
 WorkItem = Path | Claim
 DEFAULT_WORKERS = 4
@@ -223,21 +224,11 @@ class Daemon:
         self._workers: list[threading.Thread] = []
         self._waiting_for_space: dict[Path | None, set[str]] = {}  # destination → claim ids
         self._listeners: list[Callable[[Result], None]] = []
+        self._drained: int | None = None  # workers left unfinished by `drain`
         self._closed = False
-        self.job_status = JobStatus()  # written by the scheduled jobs, read by /metrics
-        self.jobs = Jobs(
-            settings,
-            self.scanner,
-            self.definitions,
-            self._definitions_reloaded,
-            status=self.job_status,
-            allowlisted=self.allowlist.contains,
-        )
-        self.add_listener(self.jobs.deliveries.record)
-        self.ops = Operations(self)  # HTTP, metrics, verdict lookup, heartbeat
 
     def add_listener(self, listener: Callable[[Result], None]) -> None:
-        """Called with every final result (used by metrics, the verdict API, the jobs)."""
+        """Called with every final result (metrics, the verdict lookup, the delivery log)."""
         self._listeners.append(listener)
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -245,7 +236,6 @@ class Daemon:
     def start(self) -> None:
         s = self.settings
         check_disjoint(s)  # before anything is made or moved
-        self.ops.bind()  # a taken WATCHER_HTTP_ADDR fails here, before any file is claimed
         ignore_lease_breaks()
         s.uploads_dir.mkdir(parents=True, exist_ok=True)
         self.deliverer.start()
@@ -265,8 +255,6 @@ class Daemon:
             thread.start()
             self._workers.append(thread)
         self.intake.start()
-        self.jobs.start()
-        self.ops.start()
         emit(
             "watcher.ready",
             uploads=str(s.uploads_dir),
@@ -277,37 +265,35 @@ class Daemon:
             scanning=s.scanning_enabled,
         )
 
-    def close(self) -> None:
-        """Stop intake, let in-flight scans finish within the grace time. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
+    def drain(self) -> int:
+        """Stop intake, let in-flight scans finish within the grace time; how many did not.
+
+        Idempotent. What may still record a delivery (an unfinished worker) says whether the
+        listeners' own files can be closed (see watcher/service.py).
+        """
+        if self._drained is not None:
+            return self._drained
         emit("watcher.stopping", in_flight=self.in_flight)
         self.intake.stop()
         self.stop_event.set()
         deadline = time.monotonic() + self.settings.shutdown_grace_s
         for thread in self._workers:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
-        unfinished = sum(t.is_alive() for t in self._workers)
+        self._drained = sum(t.is_alive() for t in self._workers)
         self.deliverer.close()
-        self.jobs.shutdown(max(1.0, deadline - time.monotonic()))
         self.clamd_check.close()
-        if not unfinished:  # a worker still running may yet record a delivery
-            self.jobs.deliveries.close()
-        self.ops.close()
+        return self._drained
+
+    def close(self) -> None:
+        """Drain, then release the staging directory. Idempotent."""
+        unfinished = self.drain()
+        if self._closed:
+            return
+        self._closed = True
         self.staging.close()
         emit("watcher.stopped", unfinished=unfinished)
 
-    def run(self) -> int:
-        """Run until SIGTERM or SIGINT; exit code 0 after a graceful stop."""
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self.stop_event.set())
-        self.start()
-        try:
-            self.stop_event.wait()
-        finally:
-            self.close()
-        return 0
+    # -- what the operations surface reads (watcher/ops/state.py) ------------------------
 
     def alive(self) -> bool:
         return (
@@ -315,6 +301,41 @@ class Daemon:
             and self.deliverer.committer.alive()
             and all(t.is_alive() for t in self._workers)
         )
+
+    def intake_alive(self) -> bool:
+        return self.intake.alive()
+
+    def queue_depth(self) -> int:
+        return len(self.queue)
+
+    def probe_clamd(self, timeout_s: float) -> str | None:
+        """Why clamd is not usable right now, or None. Marks it down when a PING fails."""
+        if not self.settings.scanning_enabled:
+            return None
+        if not self.clamd.up.is_set():
+            return "clamd is down: files wait until it answers PING again"
+        try:
+            if isinstance(self.scanner, ClamdScanner):
+                quick = dataclasses.replace(self.scanner, connect_timeout_s=timeout_s)
+                quick.ping(timeout=timeout_s)
+            else:
+                self.scanner.ping()
+        except ClamdUnavailable as err:
+            self.clamd.mark_down(str(err))
+            return str(err)
+        return None
+
+    def clamd_distrust(self) -> str | None:
+        return self.clamd_check.problem
+
+    def on_trust_change(self, listener: Callable[[], None]) -> None:
+        self.clamd_check.listeners.append(listener)
+
+    def failing_destinations(self) -> dict[str, str]:
+        return self.destinations.failing()
+
+    def uploads(self) -> Iterator[tuple[Path, os.stat_result]]:
+        return self.intake.walk()
 
     # -- workers ------------------------------------------------------------------------
 
@@ -341,7 +362,7 @@ class Daemon:
             self.clamd_check.trusted.set()
             self.clamd_check.problem = None
 
-    def _definitions_reloaded(self) -> None:
+    def definitions_reloaded(self) -> None:
         self.pipeline.forget_clamd_version()
         if self.settings.scanning_enabled and isinstance(self.scanner, ClamdScanner):
             self.clamd_check.check()  # a new engine: checked again
@@ -447,16 +468,6 @@ class Daemon:
 
 def _str(path: Path | None) -> str | None:
     return None if path is None else str(path)
-
-
-def scanner_from_settings(settings: Settings) -> ClamdScanner:
-    return ClamdScanner(
-        socket_path=settings.clamav_socket,
-        host=settings.clamav_host,
-        port=settings.clamav_port,
-        scan_timeout_s=settings.scan_timeout_s,
-        connect_timeout_s=settings.connect_timeout_s,
-    )
 
 
 def ignore_lease_breaks() -> None:

@@ -22,8 +22,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from watcher.claims import Claim, Staging
 from watcher.clamav import Scanner
-from watcher.deliver import Deliverer
+from watcher.delivery import Deliverer
 from watcher.errors import ClamdUnavailable, StorageError, StorageFull
 from watcher.fsops import (
     lease_broken,
@@ -34,7 +35,6 @@ from watcher.fsops import (
     take_read_lease,
 )
 from watcher.logs import emit
-from watcher.staging import Claim, Staging
 from watcher.verdict import Cause, Clean, Infected, NotScanned, Verdict
 
 _MAX_RESCANS = 3

@@ -40,9 +40,9 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
-from watcher.api import Answer, Backend, Call, Hold, error_answer, route
-from watcher.httpconn import BadHead, Conn, Gone, Phase
 from watcher.logs import LogBudget
+from watcher.ops.api import Answer, Backend, Call, Hold, error_answer, route
+from watcher.ops.connection import BadHead, Conn, Gone, Phase
 
 POOL_THREADS = 4  # readiness (a clamd PING), metrics, lookups
 BACKLOG = 128

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from watcher.claims import Claim, Staging
 from watcher.fsops import (
     make_dirs_beneath,
     noclobber_names,
@@ -35,7 +36,6 @@ from watcher.fsops import (
     write_json_atomic,
 )
 from watcher.logs import emit
-from watcher.staging import Claim, Staging
 
 QUARANTINE_FILE_MODE = 0o400
 COMMIT_GATHER_S = 0.01

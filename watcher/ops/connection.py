@@ -16,7 +16,7 @@ from http import HTTPStatus
 
 import h11
 
-from watcher.api import Answer, Hold
+from watcher.ops.api import Answer, Hold
 
 MAX_HEAD_BYTES = 16 * 1024  # request line + headers (h11's own default)
 RECV_BYTES = 65536

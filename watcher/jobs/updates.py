@@ -46,8 +46,8 @@ from watcher.definitions import (
 )
 from watcher.errors import ClamdUnavailable
 from watcher.fsops import write_json_atomic
+from watcher.jobs.rescan import Rescanner
 from watcher.logs import emit
-from watcher.rescan import Rescanner
 from watcher.verdict import Infected
 
 # freshclam 1.x exits with libfreshclam's fc_error_t; its man page still lists the 0.x codes.

@@ -1,6 +1,7 @@
-"""The operations surface, assembled: verdicts, metrics, heartbeat and the HTTP server.
+"""The operations surface: HTTP (health, readiness, metrics, verdict lookup) and the heartbeat.
 
-Owned by the daemon (`Daemon.ops`), started after the workers and closed after they drained.
+Built by watcher/service.py on the daemon's state (watcher/ops/state.py), started after the
+daemon's workers, closed after they drained.
 """
 
 from __future__ import annotations
@@ -8,29 +9,28 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from watcher.errors import ConfigError
-from watcher.health import Heartbeat, liveness, probe_clamd, readiness
-from watcher.healthcheck import HEARTBEAT_FILE
-from watcher.httpserver import HttpServer, Limits
+from watcher.heartbeat import HEARTBEAT_FILE, Heartbeat
 from watcher.logs import emit
-from watcher.metrics import Metrics
-from watcher.verdicts import FileStatus, Verdicts
-
-if TYPE_CHECKING:
-    from watcher.daemon import Daemon
+from watcher.ops.health import liveness, readiness
+from watcher.ops.metrics import Metrics
+from watcher.ops.server import HttpServer, Limits
+from watcher.ops.state import DaemonState, JobRuns
+from watcher.ops.verdicts import FileStatus, Verdicts
+from watcher.settings import Settings
 
 
 class Operations:
-    def __init__(self, daemon: Daemon) -> None:
-        s = daemon.settings
+    def __init__(self, settings: Settings, daemon: DaemonState, job_runs: JobRuns) -> None:
+        s = self.settings = settings
         self.daemon = daemon
         self.max_wait_s = s.http_max_wait_s
         self.verdicts = Verdicts(
             s.uploads_dir, s.processed_dir, s.staging_root, capacity=s.verdict_memory
         )
-        self.metrics = Metrics(daemon, lambda: probe_clamd(daemon))
+        self.metrics = Metrics(settings, daemon, job_runs)
         clamd = os.path.abspath(s.clamav_socket) if s.clamav_socket else None
         clamd = clamd or f"{s.clamav_host}:{s.clamav_port}"
         self.heartbeat = Heartbeat(
@@ -41,21 +41,21 @@ class Operations:
             clamd=clamd if s.scanning_enabled else None,
             probe_timeout_s=s.probe_timeout_s,
         )
-        daemon.clamd_check.listeners.append(self._beat_now)
+        daemon.on_trust_change(self._beat_now)
         self.server: HttpServer | None = None
         daemon.add_listener(self.metrics.observe)  # first: a verdict seen is already counted
         daemon.add_listener(self.verdicts.record)
 
     def bind(self) -> None:
         """Take the HTTP port (before the daemon takes any file: a taken port fails the start)."""
-        s = self.daemon.settings
+        s = self.settings
         bind = s.http_bind
         limits = Limits(s.http_max_connections, s.http_max_waiters, s.http_header_timeout_s)
         if bind is not None and self.server is None:
             try:
                 self.server = HttpServer(bind[0], bind[1], self, limits)
             except OSError as err:
-                addr = self.daemon.settings.http_addr
+                addr = s.http_addr
                 raise ConfigError(f"WATCHER_HTTP_ADDR: cannot listen on {addr}: {err}") from err
 
     def start(self) -> None:
@@ -83,9 +83,10 @@ class Operations:
 
     def problems(self) -> dict[str, str]:
         """What makes the daemon unhealthy though its loops run (for `watcher healthcheck`)."""
-        found = dict(self.daemon.destinations.failing())
-        if self.daemon.clamd_check.problem:
-            found["clamd canaries"] = self.daemon.clamd_check.problem
+        found = self.daemon.failing_destinations()
+        distrust = self.daemon.clamd_distrust()
+        if distrust:
+            found["clamd canaries"] = distrust
         return found
 
     def _beat_now(self) -> None:
@@ -100,7 +101,7 @@ class Operations:
         return liveness(self.daemon)
 
     def readyz(self) -> tuple[bool, dict[str, Any]]:
-        return readiness(self.daemon)
+        return readiness(self.daemon, self.settings)
 
     def render_metrics(self) -> bytes:
         return self.metrics.render()

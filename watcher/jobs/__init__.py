@@ -38,14 +38,14 @@ from watcher.definitions import (
     definitions_age_s,
     newest_file_time,
 )
-from watcher.deliveries import DeliveryLog
 from watcher.errors import ClamdUnavailable
-from watcher.jobstatus import JobStatus
+from watcher.jobs.deliveries import DeliveryLog
+from watcher.jobs.rescan import Rescanner
+from watcher.jobs.retention import Retention
+from watcher.jobs.status import JobStatus
+from watcher.jobs.updates import ClamdControl, UpdateOutcome, Updater
 from watcher.logs import emit
-from watcher.rescan import Rescanner
-from watcher.retention import Retention
 from watcher.settings import Settings
-from watcher.updates import ClamdControl, UpdateOutcome, Updater
 
 TICK_S = 300.0
 MISFIRE_GRACE_S = 300

@@ -1,23 +1,30 @@
-"""`watcher healthcheck`, for Docker's HEALTHCHECK: standard library only, well under a second.
+"""The heartbeat file: written by the daemon (`Heartbeat`), read by `watcher healthcheck`.
 
-It reads ``<state_dir>/heartbeat.json``, which the daemon rewrites every few seconds while
-its loops are alive and which names the clamd the daemon uses, checks that the daemon's pid
-is alive and the heartbeat is fresh and names no problem (`problems`: a destination refusing
-deliveries, clamd failing its canaries), then sends clamd a PING with a short timeout. It loads
-no settings model: the state directory comes from WATCHER_STATE_DIR, else ``state_dir`` in
-the WATCHER_CONFIG file, else the default. Exit 0 healthy, 1 not, with one line saying why.
+``<state_dir>/heartbeat.json`` is rewritten every `heartbeat_interval_s` while the daemon's
+loops are alive; it names the daemon's pid, the clamd it uses, and what makes it unhealthy
+though its loops run (`problems`: a destination refusing deliveries, clamd failing its
+canaries). `check` (Docker's HEALTHCHECK, through `watcher healthcheck`) reads it: the pid is
+alive, the heartbeat fresh, no problem named, and clamd answers a PING with a short timeout.
+Standard library only and no settings model, well under a second: the state directory comes
+from WATCHER_STATE_DIR, else ``state_dir`` in the WATCHER_CONFIG file, else the default. Exit
+0 healthy, 1 not, with one line saying why.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
-import sys
+import threading
 import time
 import tomllib
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from watcher.fsops import write_json_atomic
 
 HEARTBEAT_FILE = "heartbeat.json"
 HEARTBEAT_MISSES = 3  # a heartbeat older than this many intervals: the daemon is stuck
@@ -113,5 +120,50 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+class Heartbeat:
+    """Touches `path` every `interval_s` while `alive()`; removed at a graceful stop."""
+
+    def __init__(
+        self,
+        path: Path,
+        interval_s: float,
+        alive: Callable[[], bool],
+        problems: Callable[[], dict[str, str]] = dict,
+        **info: Any,
+    ) -> None:
+        self.path = path
+        self.interval_s = interval_s
+        self._alive = alive
+        self._problems = problems  # what makes the daemon unhealthy though its loops run
+        self._info = info  # what `watcher healthcheck` needs: the clamd address, the timeout
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.beat()
+        self._thread = threading.Thread(target=self._loop, name="watcher-heartbeat", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.path.unlink(missing_ok=True)
+
+    def beat(self) -> None:
+        body = {
+            "pid": os.getpid(),
+            "at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "interval_s": self.interval_s,
+            "problems": self._problems(),
+            **self._info,
+        }
+        write_json_atomic(self.path, json.dumps(body).encode(), mode=0o644)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            if self._alive():
+                # A full state disk: the heartbeat goes stale and healthcheck says so.
+                with contextlib.suppress(OSError):
+                    self.beat()

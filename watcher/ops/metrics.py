@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 import stat
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from loguru import logger
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -22,11 +22,10 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from watcher.events import alerted
+from watcher.ops.state import DaemonState, JobRuns
 from watcher.pipeline import Outcome, Result
+from watcher.settings import Settings
 from watcher.verdict import CAUSES
-
-if TYPE_CHECKING:
-    from watcher.daemon import Daemon
 
 VERDICTS = ("clean", "infected", "rejected", "unscannable", "unscanned", "allowlisted")
 _VERDICT_OF = {Outcome.HELD: "unscannable"}
@@ -35,7 +34,7 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 
 
 class Metrics:
-    def __init__(self, daemon: Daemon, probe_clamd: Callable[[], str | None]) -> None:
+    def __init__(self, settings: Settings, daemon: DaemonState, job_runs: JobRuns) -> None:
         self.registry = CollectorRegistry()
         self.files = Counter(
             "watcher_files", "Files by final verdict.", ["verdict"], registry=self.registry
@@ -64,7 +63,7 @@ class Metrics:
         )
         for event, level in alerted():  # at 0 from the start: see watcher/events.py
             self.events.labels(event, level)
-        self.registry.register(_DaemonCollector(daemon, probe_clamd))
+        self.registry.register(_DaemonCollector(settings, daemon, job_runs))
         self._sink_id: int | None = None
 
     def start(self) -> None:
@@ -98,30 +97,33 @@ class Metrics:
 class _DaemonCollector(Collector):
     """Gauges read from the daemon at scrape time."""
 
-    def __init__(self, daemon: Daemon, probe_clamd: Callable[[], str | None]) -> None:
+    def __init__(self, settings: Settings, daemon: DaemonState, job_runs: JobRuns) -> None:
+        self._settings = settings
         self._daemon = daemon
-        self._probe_clamd = probe_clamd
+        self._job_runs = job_runs
 
     def collect(self) -> Iterable[Metric]:
         d = self._daemon
-        s = d.settings
+        s = self._settings
         now = time.time()
-        yield _gauge("watcher_queue_depth", "Files waiting in the in-memory queue.", len(d.queue))
+        yield _gauge(
+            "watcher_queue_depth", "Files waiting in the in-memory queue.", d.queue_depth()
+        )
         yield _gauge(
             "watcher_delivery_failing",
             "Destinations (processed, quarantine) refusing deliveries right now; files wait.",
-            len(d.destinations.failing()),
+            len(d.failing_destinations()),
         )
         yield _gauge("watcher_in_flight", "Files being scanned or delivered now.", d.in_flight)
-        oldest = oldest_pending_s(d.intake.walk(), s.staging_root, now)
+        oldest = oldest_pending_s(d.uploads(), s.staging_root, now)
         yield _gauge(
             "watcher_oldest_pending_seconds",
             "Age of the oldest file not yet delivered (in uploads or claimed); 0 if none.",
             oldest,
         )
-        clamd_up = s.scanning_enabled and self._probe_clamd() is None
+        clamd_up = s.scanning_enabled and d.probe_clamd(s.probe_timeout_s) is None
         yield _gauge("watcher_clamd_up", "1 if clamd answers PING.", 1 if clamd_up else 0)
-        trusted = d.clamd_check.trusted.is_set()
+        trusted = d.clamd_distrust() is None
         yield _gauge(
             "watcher_clamd_trusted", "1 if clamd answered its canaries right.", 1 if trusted else 0
         )
@@ -153,7 +155,7 @@ class _DaemonCollector(Collector):
             "watcher_quarantine_max_bytes",
             "WATCHER_QUARANTINE_MAX_BYTES, the retention job's cap (absent when there is none).",
         )
-        cap = getattr(self._daemon.settings, "quarantine_max_bytes", None)  # the jobs' setting
+        cap = self._settings.quarantine_max_bytes
         if cap:
             family.add_metric([], cap)
         return family
@@ -169,7 +171,7 @@ class _DaemonCollector(Collector):
             "Unix time of each scheduled job's last failure.",
             labels=["job"],
         )
-        for name, run in sorted(self._daemon.job_status.snapshot().items()):
+        for name, run in sorted(self._job_runs.snapshot().items()):
             if run.last_success is not None:
                 success.add_metric([name], run.last_success.timestamp())
             if run.last_failure is not None:

@@ -19,7 +19,7 @@ from urllib.parse import parse_qs, unquote_to_bytes
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from watcher.verdicts import FileStatus
+from watcher.ops.verdicts import FileStatus
 
 FILES_PREFIX = b"/v1/files/"
 NAME_MAX_BYTES = 255  # longest file name on Linux file systems (ext4, xfs, tmpfs, overlayfs)

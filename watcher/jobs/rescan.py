@@ -19,9 +19,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from watcher.claims import new_id
 from watcher.clamav import Scanner
-from watcher.deliver import QUARANTINE_FILE_MODE
-from watcher.deliveries import Delivery, DeliveryLog
+from watcher.delivery import QUARANTINE_FILE_MODE
 from watcher.fsops import (
     OPEN_UPLOAD_FLAGS,
     copy_to_new_file,
@@ -30,8 +30,8 @@ from watcher.fsops import (
     sha256_fd,
     write_json_atomic,
 )
+from watcher.jobs.deliveries import Delivery, DeliveryLog
 from watcher.logs import emit
-from watcher.staging import new_id
 from watcher.verdict import Infected, NotScanned
 
 

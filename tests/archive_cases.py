@@ -16,7 +16,8 @@ import zipfile
 from pathlib import Path
 
 import pyzipper
-from support import EICAR
+
+from harness import EICAR
 
 PASSWORD = "correct horse"
 INFECTED = (("eicar.com", EICAR + b"\n" * 64),)

@@ -7,10 +7,11 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from http_support import get
 from prometheus_client.parser import text_string_to_metric_families
-from support import EICAR, Events
 
+from harness import EICAR
+from harness.events import Events
+from harness.http_client import get
 from watcher.ops.metrics import oldest_pending_s
 from watcher.service import Service
 

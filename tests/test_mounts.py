@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from http_support import get, watcher_cli
-from support import EICAR, Events, files_under, quarantined, wait_until
 
+from harness import EICAR
+from harness.events import Events, wait_until
+from harness.files import files_under, quarantined
+from harness.http_client import get, watcher_cli
 from watcher.clamav import scanner_from_settings
 from watcher.definitions import DefinitionsState
 from watcher.jobs import Jobs

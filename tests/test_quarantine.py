@@ -9,9 +9,10 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
 
-from http_support import get, watcher_cli
-from support import EICAR, Events, files_under, quarantined
-
+from harness import EICAR
+from harness.events import Events
+from harness.files import files_under, quarantined
+from harness.http_client import get, watcher_cli
 from watcher.service import Service
 
 Start = Callable[..., Service]

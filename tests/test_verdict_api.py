@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from http_support import Response, get
-from support import EICAR, Clamd, wait_until
 
+from harness import EICAR
+from harness.clamd import Clamd
+from harness.events import wait_until
+from harness.http_client import Response, get
 from watcher.ops.verdicts import FileStatus, Verdicts
 from watcher.service import Service
 from watcher.settings import Settings

@@ -61,15 +61,15 @@ bench-http: install
 	$(BIN)/python bench/http_bench.py $(HTTP_BENCH_ARGS)
 
 # Fault injection under load, then proof that nothing was lost (root; about 6 minutes; not part
-# of `make test`). docs/soak.md. E.g. make soak SOAK_ARGS="--seed 42 --minutes 10".
+# of `make test`). docs/soak.md; bench/soak/. E.g. make soak SOAK_ARGS="--seed 42 --minutes 10".
 .PHONY: soak
 soak: install
-	$(BIN)/python bench/soak.py $(SOAK_ARGS)
+	cd bench && $(abspath $(BIN))/python -m soak $(SOAK_ARGS)
 
 lint: install
 	$(BIN)/ruff check watcher tests bench
 	$(BIN)/ruff format --check watcher tests bench
-	$(BIN)/mypy --strict watcher
+	$(BIN)/mypy --strict watcher tests bench
 
 format: install
 	$(BIN)/ruff format watcher tests bench

@@ -115,7 +115,7 @@ def test_prometheus_alert_fires_on_its_series_and_only_then(
 
 def test_every_metric_the_rules_name_is_exported_by_metrics(start_daemon: Start) -> None:
     body = get(start_daemon(), "/metrics").body.decode()
-    exported = set()
+    exported: set[str] = set()
     for family in text_string_to_metric_families(body):
         suffixes = {
             "counter": ("_total",),

@@ -50,7 +50,8 @@ def drain(clamd: Clamd, base: Path, replicas: int, seed: int) -> tuple[float, li
         daemon.start(wait_ready=False)
     for daemon in daemons:
         daemon.events.wait_for("watcher.ready", timeout_s=60)
-    pings, stop = [], threading.Event()
+    pings: list[float] = []
+    stop = threading.Event()
     pinger = threading.Thread(target=ping_until, args=(clamd, stop, pings), daemon=True)
     pinger.start()
     started = time.time()

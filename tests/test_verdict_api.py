@@ -6,6 +6,7 @@ import hashlib
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -156,7 +157,7 @@ def test_a_recorded_verdict_wakes_only_the_watchers_of_its_path(
     daemon = start_daemon()
     woken: list[str] = []
     unwatch = [
-        daemon.ops.verdicts.watch(f"f{n}.txt", lambda n=n: woken.append(f"f{n}.txt"))
+        daemon.ops.verdicts.watch(f"f{n}.txt", partial(woken.append, f"f{n}.txt"))
         for n in range(50)
     ]
     (dirs["uploads"] / "f7.txt").write_bytes(b"seven")

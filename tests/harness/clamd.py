@@ -94,6 +94,11 @@ class Clamd:
             time.sleep(0.02)
         return self
 
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "not started"
+        return self.proc.pid
+
     def command(self, command: bytes, timeout_s: float = 2.0) -> bytes:
         """One ``z``-framed command on a connection of its own; clamd's reply without its NUL."""
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:

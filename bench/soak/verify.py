@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from soak_corpus import Upload
+from soak.corpus import Upload
 
 # Problem kinds; any of them fails the soak.
 LOST, DUPLICATE, MISPLACED, CORRUPT = "lost", "duplicate", "misplaced", "corrupt"

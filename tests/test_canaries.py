@@ -10,9 +10,10 @@ import pytest
 
 from archive_cases import INFECTED, nest
 from harness.clamd import Clamd
+from harness.daemon import run_cli
 from harness.events import Events, wait_until
 from harness.files import files_under
-from harness.http_client import get, watcher_cli
+from harness.http_client import get
 from watcher.service import Service
 from watcher.settings import Settings
 from watcher.verdict import Clean, NotScanned
@@ -27,7 +28,7 @@ def stock_clamd(make_clamd: Callable[..., Clamd]) -> Clamd:
 
 
 def healthcheck(dirs: dict[str, Path]) -> tuple[int, str]:
-    result = watcher_cli("healthcheck", env={"WATCHER_STATE_DIR": str(dirs["state"])})
+    result = run_cli("healthcheck", env={"WATCHER_STATE_DIR": str(dirs["state"])})
     return result.returncode, result.stdout
 
 

@@ -14,9 +14,9 @@ import pytest
 
 from harness import ROOT
 from harness.clamd import Clamd
-from harness.daemon import DaemonProcess
+from harness.daemon import DaemonProcess, run_cli
 from harness.events import Events
-from harness.http_client import get, watcher_cli
+from harness.http_client import get
 from watcher.heartbeat import DEFAULT_STATE_DIR, state_dir
 from watcher.service import Service
 from watcher.settings import Settings
@@ -26,7 +26,7 @@ Start = Callable[..., Service]
 
 def healthcheck(dirs: dict[str, Path]) -> tuple[int, str, float]:
     started = time.monotonic()
-    result = watcher_cli("healthcheck", env={"WATCHER_STATE_DIR": str(dirs["state"])})
+    result = run_cli("healthcheck", env={"WATCHER_STATE_DIR": str(dirs["state"])})
     return result.returncode, result.stdout, time.monotonic() - started
 
 

@@ -7,12 +7,9 @@ import http.client
 import json
 import socket
 import struct
-import subprocess
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-
-from harness.daemon import run_cli
 
 if TYPE_CHECKING:
     from watcher.service import Service
@@ -42,11 +39,6 @@ def get(target: Service | tuple[str, int], path: str, timeout_s: float = 10.0) -
         return Response(resp.status, resp.read(), resp.getheader("Content-Type") or "")
     finally:
         conn.close()
-
-
-def watcher_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """`python -m watcher ARGS` with the given environment added."""
-    return run_cli(*args, env=env, timeout_s=30)
 
 
 # -- attackers: raw sockets, so a test controls every byte and every timing ---------------------

@@ -17,6 +17,7 @@ from typing import Any
 
 from loguru import logger
 
+from watcher.claims import claimed_files
 from watcher.clamav import ClamdScanner
 from watcher.errors import ClamdUnavailable
 
@@ -279,7 +280,7 @@ def quarantined(qdir: Path) -> list[dict[str, Any]]:
 
 def staged(uploads: Path) -> list[str]:
     """Claimed files still in staging (none once a daemon has stopped cleanly)."""
-    return sorted(p.name for p in (uploads / ".watcher").glob("d-*/*.data"))
+    return sorted(p.name for p in claimed_files(uploads / ".watcher"))
 
 
 def delivered_count(dirs: dict[str, Path]) -> int:

@@ -270,7 +270,7 @@ CATALOG: dict[str, Event] = {
         "ERROR",
         "a scheduled job failed; it keeps its schedule",
         "job, reason, error / scheduled_at",
-        "a job raised (ERROR, with traceback) or missed its time (WARNING)",
+        "a job raised (`error`, with its traceback) or missed its time (`reason`: `missed`)",
         alerted=True,
     ),
     "jobs.unfinished": Event(

@@ -3,7 +3,7 @@
 Invariant: a file clamd called clean keeps that verdict only if watcher found, in every ZIP or 7z
 in it (nested ones included), nothing clamd 1.4 mis-reads; where it found such a form, every
 member was sent to clamd over INSTREAM; anything it could not look into makes the file
-unscannable, with a `Cause`. Measured blind spots of clamd 1.4.6 (README, "What ClamAV misses"):
+unscannable, with a `Cause`. Measured blind spots of clamd 1.4.6 (docs/archives.md):
 
 - ZIP64 (Info-ZIP ``zip -fz``, Python's ``force_zip64``, every archive over 4 GiB), also nested;
 - several zips in one file (clamd reads one central directory), or a zip after other data;

@@ -25,6 +25,7 @@ import secrets
 import shutil
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,12 +127,8 @@ class Journal:
             fd = os.open(segment, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
             with os.fdopen(fd, "rb") as f:
                 data = f.read()
-            for line in data.splitlines():
-                try:
-                    fields = json.loads(line)
-                    entries.setdefault(fields["id"], {}).update(fields)
-                except (ValueError, KeyError, TypeError):
-                    continue  # torn by a crash mid-write: the step it announced never began
+            for fields in parse_journal(data + b"\n"):  # a crash's last line: torn, skipped
+                entries.setdefault(fields["id"], {}).update(fields)
         return entries
 
     def _write(self, fields: dict[str, Any]) -> None:
@@ -390,3 +387,35 @@ def _move_aside(parent_fd: int, name: str, why: str) -> None:
     except FileNotFoundError:
         return
     emit("staging.impostor", name=name, moved_to=aside, reason=why)
+
+
+# -- the journal's format, for readers outside the daemon that writes it --------------------
+# A segment holds one JSON object a line: {"id", "rel", "at"} when a claim is made (its bytes
+# are then <daemon dir>/<id>.data until delivered), {"id", "dest"} before a delivery step.
+
+
+def journal_segments(staging_root: Path) -> list[Path]:
+    """Every daemon's journal segments below ``<uploads>/.watcher``."""
+    return sorted(staging_root.glob(f"d-*/{_SEGMENT}*"))
+
+
+def parse_journal(data: bytes) -> Iterator[dict[str, Any]]:
+    """The complete lines of a segment's bytes, parsed; a line still being written (no
+    newline yet) and a line torn by a crash (its step never began) are left out."""
+    for line in data[: data.rfind(b"\n") + 1].splitlines():
+        try:
+            fields = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(fields, dict) and isinstance(fields.get("id"), str):
+            yield fields
+
+
+def claim_data(segment: Path, claim_id: str) -> Path:
+    """Where the bytes of a claim announced in `segment` are while it is not delivered."""
+    return segment.parent / f"{claim_id}{_DATA}"
+
+
+def claimed_files(staging_root: Path) -> list[Path]:
+    """The bytes of every claim in staging, every daemon's."""
+    return sorted(staging_root.glob(f"d-*/*{_DATA}"))

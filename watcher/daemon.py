@@ -30,8 +30,9 @@ from watcher.delivery import Deliverer
 from watcher.errors import ClamdUnavailable
 from watcher.intake import Intake
 from watcher.logs import emit
-from watcher.pipeline import Outcome, Pipeline, PipelineConfig, Result, RetryCause
+from watcher.pipeline import Pipeline, PipelineConfig, Result, RetryCause
 from watcher.settings import Settings, check_disjoint
+from watcher.verdict import Outcome
 
 WorkItem = Path | Claim
 DEFAULT_WORKERS = 4

@@ -120,7 +120,7 @@ CATALOG: dict[str, Event] = {
         "ERROR",
         "definitions update failed",
         "cause, exit_code, output (last 10 lines), failures, next_attempt_at",
-        "see causes above",
+        "the update failed; `cause` says why ([causes](jobs.md#definition-updates))",
         alerted=True,
     ),
     "definitions.update_interval_short": Event(
@@ -161,7 +161,7 @@ CATALOG: dict[str, Event] = {
         "ERROR",
         "reading or delivering a file failed",
         "path, reason",
-        "reading or delivering failed; retried with backoff (`file.retry`), or unscannable (see above)",
+        "reading or delivering failed; retried with backoff (`file.retry`), or unscannable (`file.unscannable`)",
     ),
     "file.infected": Event(
         "WARNING",
@@ -270,7 +270,7 @@ CATALOG: dict[str, Event] = {
         "ERROR",
         "a scheduled job failed; it keeps its schedule",
         "job, reason, error / scheduled_at",
-        "a job raised (ERROR, with traceback) or missed its time (WARNING)",
+        "a job raised (`error`, with its traceback) or missed its time (`reason`: `missed`)",
         alerted=True,
     ),
     "jobs.unfinished": Event(
@@ -384,8 +384,12 @@ def alerted() -> list[tuple[str, Level]]:
 
 
 def markdown_table() -> str:
-    """docs/events.md's table, from the catalog."""
+    """docs/events.md's table, from the catalog (`make docs` writes it there)."""
     rows = ["| event | level | fields | when |", "|---|---|---|---|"]
     for name, event in sorted(CATALOG.items()):
         rows.append(f"| `{name}` | {event.level} | {event.fields} | {event.meaning} |")
     return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":  # `python -m watcher.events`: the table, for `make docs`
+    print(markdown_table(), end="")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import threading
 import time
 import tomllib
@@ -24,6 +23,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from watcher import clamd_socket
+from watcher.clamd_socket import parse_address
 from watcher.fsops import write_json_atomic
 
 HEARTBEAT_FILE = "heartbeat.json"
@@ -73,39 +74,10 @@ def check(state: Path, now: float | None = None) -> tuple[bool, str]:
     clamd = beat.get("clamd")
     if not clamd:
         return True, f"ok: daemon pid {pid} alive; scanning disabled, clamd not checked"
-    problem = ping(clamd, float(beat.get("probe_timeout_s", 0.5)))
+    problem = clamd_socket.ping(parse_address(clamd), float(beat.get("probe_timeout_s", 0.5)))
     if problem is not None:
         return False, f"clamd not answering PING at {clamd}: {problem}"
     return True, f"ok: daemon pid {pid} alive, clamd answered PING"
-
-
-def ping(address: str, timeout_s: float) -> str | None:
-    """PING clamd at a unix socket path or ``host:port``; None if it answered PONG."""
-    if address.startswith("/"):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        target: Any = address
-    else:
-        host, _, port = address.rpartition(":")
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-        target = (host.strip("[]"), int(port))
-    deadline = time.monotonic() + timeout_s
-    try:
-        sock.settimeout(timeout_s)
-        sock.connect(target)
-        sock.sendall(b"zPING\0")
-        reply = b""
-        while not reply.endswith(b"\0") and len(reply) < 64:
-            sock.settimeout(max(0.01, deadline - time.monotonic()))
-            chunk = sock.recv(64)
-            if not chunk:
-                break
-            reply += chunk
-    except OSError as err:
-        return str(err) or type(err).__name__
-    finally:
-        sock.close()
-    answer = reply.rstrip(b"\0").decode("ascii", "replace").strip()
-    return None if answer == "PONG" else f"answered {answer!r}"
 
 
 def pid_alive(pid: int) -> bool:

@@ -35,21 +35,10 @@ from watcher.fsops import (
     take_read_lease,
 )
 from watcher.logs import emit
-from watcher.verdict import Cause, Clean, Infected, NotScanned, Verdict
+from watcher.quarantine import new_record
+from watcher.verdict import Cause, Clean, Infected, NotScanned, Outcome, Verdict
 
 _MAX_RESCANS = 3
-
-
-class Outcome(enum.StrEnum):
-    CLEAN = "clean"
-    INFECTED = "infected"
-    UNSCANNABLE = "unscannable"
-    UNSCANNED = "unscanned"  # scanning switched off: delivered, never presented as scanned
-    ALLOWLISTED = "allowlisted"  # detected, but its sha256 was restored by an operator
-    REJECTED = "rejected"
-    HELD = "held"
-    RETRY = "retry"
-    GONE = "gone"  # someone else claimed it, or it vanished
 
 
 class RetryCause(enum.StrEnum):
@@ -339,7 +328,7 @@ class Pipeline:
         return Result(Outcome.CLEAN, claim.rel, dest=dest, size=size, sha256=sha)
 
     def _quarantine(self, claim: Claim, fd: int, size: int, sha: str, signature: str) -> Result:
-        meta = self._metadata(claim, size, sha, "infected", signature=signature)
+        meta = self._record(claim, Outcome.INFECTED, size, sha, signature=signature)
         dest = self.deliverer.to_quarantine(claim, fd, meta)
         emit(
             "file.infected",
@@ -377,7 +366,7 @@ class Pipeline:
         }
         held = self.config.unscannable_policy == "hold"
         if not held:
-            meta = self._metadata(claim, size, sha, "unscannable", reason=reason, cause=cause)
+            meta = self._record(claim, Outcome.UNSCANNABLE, size, sha, reason=reason, cause=cause)
             try:
                 dest = self.deliverer.to_quarantine(claim, fd, meta)
             except OSError as err:  # unreadable, and the quarantine is on another filesystem
@@ -475,23 +464,20 @@ class Pipeline:
     def _backoff(self, failures: int) -> float:
         return float(min(self.config.retry_max_backoff_s, 0.5 * 2**failures))
 
-    def _metadata(
-        self, claim: Claim, size: int | None, sha: str | None, verdict: str, **extra: Any
+    def _record(
+        self, claim: Claim, outcome: Outcome, size: int | None, sha: str | None, **known: Any
     ) -> dict[str, Any]:
-        return {
-            "id": claim.id,
-            "original_path": claim.rel,
-            "size": size,
-            "sha256": sha,
-            "verdict": verdict,
-            "signature": None,
-            "reason": None,
-            "cause": None,
-            **extra,
-            "detected_at": datetime.now(UTC).isoformat(),
-            "claimed_at": datetime.fromtimestamp(claim.claimed_at, UTC).isoformat(),
-            "clamd_version": self._version(),
-        }
+        claimed_at = datetime.fromtimestamp(claim.claimed_at, UTC).isoformat()
+        return new_record(
+            claim.id,
+            claim.rel,
+            outcome,
+            size=size,
+            sha256=sha,
+            clamd_version=self._version(),
+            claimed_at=claimed_at,
+            **known,
+        )
 
     def forget_clamd_version(self) -> None:
         """clamd loaded new definitions: the next quarantine record asks VERSION again."""

@@ -31,6 +31,7 @@ from watcher.fsops import (
     write_json_atomic,
 )
 from watcher.logs import emit
+from watcher.verdict import Outcome
 
 _ID = re.compile(r"^[0-9A-Za-z][0-9A-Za-z_-]{0,99}$")
 RESTORED_FILE_MODE = 0o644
@@ -185,6 +186,39 @@ class Quarantine:
             os.close(parent)
         os.unlink(entry.id, dir_fd=qdir)  # the restored name is durable: drop this one
         return target_dir.joinpath(*parts[:-1], name)
+
+
+def new_record(
+    entry_id: str,
+    original_path: str,
+    outcome: Outcome,
+    *,
+    size: int | None,
+    sha256: str | None,
+    clamd_version: str | None,
+    signature: str | None = None,
+    reason: str | None = None,
+    cause: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The metadata record ``<id>.json`` of a quarantined file: the one place it is made.
+
+    ``verdict`` is the outcome's word (infected, unscannable); `extra` adds what the writer
+    knows besides (when it was claimed; for a late detection, where it was delivered).
+    """
+    return {
+        "id": entry_id,
+        "original_path": original_path,
+        "size": size,
+        "sha256": sha256,
+        "verdict": outcome.verdict_word,
+        "signature": signature,
+        "reason": reason,
+        "cause": cause,
+        "detected_at": datetime.now(UTC).isoformat(),
+        "clamd_version": clamd_version,
+        **extra,
+    }
 
 
 def safe_parts(target_dir: Path, original_path: object) -> list[str]:

@@ -180,7 +180,7 @@ class Settings(BaseSettings):
         """Private claim area: on the uploads filesystem so a claim is a rename."""
         return self.uploads_dir / ".watcher"
 
-    # Scheduled jobs (see README). Durations accept "90m", "4h", "30d"; sizes "100M", "2G".
+    # Scheduled jobs (docs/jobs.md). Durations accept "90m", "4h", "30d"; sizes "100M", "2G".
     update_interval: LongSeconds = Field(4 * 3600.0, le=30 * DAY)  # mirrors rate-limit: >= 1h
     update_command: str = "freshclam --config-file=/etc/clamav/freshclam.conf"  # "": no updates
     update_timeout: Seconds = 900.0

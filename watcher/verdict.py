@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -77,3 +78,36 @@ def parse_reply(reply: str) -> Verdict:
         if pattern.match(signature):
             return NotScanned(f"{meaning}: {signature}", transient=False, cause=cause)
     return Infected(signature)
+
+
+class Outcome(enum.StrEnum):
+    """What became of a file: the one vocabulary of metrics labels, the verdict API's states and
+    the quarantine records' `verdict` field (each shows `verdict_word`)."""
+
+    CLEAN = "clean"
+    INFECTED = "infected"
+    UNSCANNABLE = "unscannable"
+    UNSCANNED = "unscanned"  # scanning switched off: delivered, never presented as scanned
+    ALLOWLISTED = "allowlisted"  # detected, but its sha256 was restored by an operator
+    REJECTED = "rejected"  # not a plain file of its uploader's (symlink, FIFO, hard link, ...)
+    HELD = "held"  # unscannable, kept in staging by WATCHER_UNSCANNABLE_POLICY=hold
+    RETRY = "retry"  # not settled: tried again later
+    GONE = "gone"  # someone else claimed it, or it vanished
+
+    @property
+    def verdict_word(self) -> str | None:
+        """The word every surface uses for a settled outcome (None while it is not settled):
+        a held file is unscannable, wherever it is kept."""
+        if self in (Outcome.RETRY, Outcome.GONE):
+            return None
+        return "unscannable" if self is Outcome.HELD else self.value
+
+    @property
+    def scanned(self) -> bool:
+        """clamd gave its verdict (or could not): the outcomes a scan duration is measured for."""
+        return self in _SCANNED
+
+
+_SCANNED = {Outcome.CLEAN, Outcome.ALLOWLISTED, Outcome.INFECTED, Outcome.UNSCANNABLE, Outcome.HELD}
+# Every settled word, in a stable order: metrics start each label at 0.
+VERDICT_WORDS = ("clean", "infected", "unscannable", "unscanned", "allowlisted", "rejected")

@@ -36,6 +36,7 @@ from soak.daemons import EventLog, Instance
 from soak.report import Figures, report
 from soak.schedule import BURST_FILES, SCAN_TIMEOUT_S, Action, Episode, build_schedule
 from soak.verify import verify
+from watcher.claims import claimed_files
 
 TMPFS_SIZE = "512m"
 DRAIN_RESERVE_S = 70.0  # of --minutes, kept for the drain, the clean stop and the checks
@@ -366,7 +367,7 @@ class Soak:
 
     def _nothing_waiting(self) -> bool:
         staging = self.uploads_dir / ".watcher"
-        if any(staging.glob("d-*/*.data")):
+        if claimed_files(staging):
             return False
         for dirpath, dirs, names in os.walk(self.uploads_dir):
             if Path(dirpath) == self.uploads_dir and ".watcher" in dirs:

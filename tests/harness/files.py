@@ -83,7 +83,9 @@ def plant_delivery(jobs: Jobs, path: Path, data: bytes, at: datetime | None = No
 
 def staged(uploads: Path) -> list[str]:
     """Claimed files still in staging (none once a daemon has stopped cleanly)."""
-    return sorted(p.name for p in (uploads / ".watcher").glob("d-*/*.data"))
+    from watcher.claims import claimed_files
+
+    return sorted(p.name for p in claimed_files(uploads / ".watcher"))
 
 
 def delivered_count(dirs: dict[str, Path]) -> int:

@@ -20,7 +20,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from watcher.fsops import relative_to
-from watcher.pipeline import Outcome, Result
+from watcher.pipeline import Result
+from watcher.verdict import Outcome
 
 LOG_NAME = "deliveries.jsonl"
 _encode_line = json.JSONEncoder(separators=(",", ":")).encode  # one encoder, not one per line

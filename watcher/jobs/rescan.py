@@ -15,9 +15,8 @@ import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 from watcher.claims import new_id
 from watcher.clamav import Scanner
@@ -32,7 +31,8 @@ from watcher.fsops import (
 )
 from watcher.jobs.deliveries import Delivery, DeliveryLog
 from watcher.logs import emit
-from watcher.verdict import Infected, NotScanned
+from watcher.quarantine import new_record
+from watcher.verdict import Infected, NotScanned, Outcome
 
 
 @dataclass
@@ -126,20 +126,18 @@ class Rescanner:
         target = self.quarantine_dir / qid
         record = self.quarantine_dir / f"{qid}.json"
         sha = sha256_fd(fd)
-        meta: dict[str, Any] = {
-            "id": qid,
-            "original_path": entry.rel,
-            "processed_path": entry.dest,
-            "size": st.st_size,
-            "sha256": sha,
-            "verdict": "infected",
-            "signature": signature,
-            "reason": None,
-            "detected_late": True,
-            "delivered_at": entry.at.isoformat(),
-            "detected_at": datetime.now(UTC).isoformat(),
-            "clamd_version": version,
-        }
+        meta = new_record(
+            qid,
+            entry.rel,
+            Outcome.INFECTED,
+            size=st.st_size,
+            sha256=sha,
+            clamd_version=version,
+            signature=signature,
+            processed_path=entry.dest,
+            detected_late=True,
+            delivered_at=entry.at.isoformat(),
+        )
         self.quarantine_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         write_json_atomic(record, json.dumps(meta, indent=1).encode())  # metadata first
         removed = _move_out(path, fd, st, target)

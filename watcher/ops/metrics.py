@@ -21,15 +21,13 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from watcher.claims import claimed_files
 from watcher.events import alerted
 from watcher.ops.state import DaemonState, JobRuns
-from watcher.pipeline import Outcome, Result
+from watcher.pipeline import Result
 from watcher.settings import Settings
-from watcher.verdict import CAUSES
+from watcher.verdict import CAUSES, VERDICT_WORDS
 
-VERDICTS = ("clean", "infected", "rejected", "unscannable", "unscanned", "allowlisted")
-_VERDICT_OF = {Outcome.HELD: "unscannable"}
-_SCANNED = {Outcome.CLEAN, Outcome.ALLOWLISTED, Outcome.INFECTED, Outcome.UNSCANNABLE, Outcome.HELD}
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -39,7 +37,7 @@ class Metrics:
         self.files = Counter(
             "watcher_files", "Files by final verdict.", ["verdict"], registry=self.registry
         )
-        for verdict in VERDICTS:
+        for verdict in VERDICT_WORDS:
             self.files.labels(verdict)
         self.unscannable = Counter(
             "watcher_unscannable",
@@ -76,12 +74,13 @@ class Metrics:
 
     def observe(self, result: Result) -> None:
         """Daemon listener: one final result."""
-        if result.outcome is Outcome.GONE or result.fields.get("repeat"):
+        word = result.outcome.verdict_word
+        if word is None or result.fields.get("repeat"):
             return
-        self.files.labels(_VERDICT_OF.get(result.outcome, result.outcome.value)).inc()
+        self.files.labels(word).inc()
         if result.cause is not None:
             self.unscannable.labels(result.cause).inc()
-        if result.outcome in _SCANNED:
+        if result.outcome.scanned:
             self.scan_duration.observe(result.duration_ms / 1000)
 
     def render(self) -> bytes:
@@ -211,7 +210,7 @@ def oldest_pending_s(
     for _, st in uploads:
         if stat.S_ISREG(st.st_mode):
             oldest = min(oldest, st.st_ctime)
-    for claim in staging_root.glob("d-*/*.data"):
+    for claim in claimed_files(staging_root):
         oldest = min(oldest, _ctime(claim, now, delivered_links=True))
     return max(0.0, now - oldest)
 

@@ -228,13 +228,27 @@ class HttpServer:
             self._selector.register(sock, selectors.EVENT_READ, conn)
             self._enter_head(conn, now)
             if len(self._conns) > self.limits.max_connections:
-                self._displace(next(iter(self._heads)))  # checked above: read at least once
+                victim = self._victim()
+                assert victim is not None  # checked above: there is one
+                self._displace(victim)
         self._accept_on()
+
+    def _victim(self) -> Conn | None:
+        """The head to displace: the oldest one that has had a turn to be read, preferring a
+        head that arrives in pieces (a trickler) to one whose first bytes are not in yet (a
+        client that sends its request at once is such a head only until its packet lands)."""
+        silent = None
+        for conn in self._heads:
+            if conn.turn >= self._turns:
+                break  # accepted this turn: not read yet (heads are in arrival order)
+            if conn.got_bytes:
+                return conn
+            silent = silent or conn
+        return silent
 
     def _displaceable(self) -> bool:
         """Is there a head to displace, one that has had a turn to be read?"""
-        oldest = next(iter(self._heads), None)
-        return oldest is not None and oldest.turn < self._turns
+        return self._victim() is not None
 
     def _accept_on(self) -> None:
         """Listen while there is room (or a head to displace), else leave it to the backlog."""

@@ -16,7 +16,6 @@ journals (`ClaimIndex`), which are append-only, so each of their bytes is read o
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
@@ -25,24 +24,26 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
+from watcher.claims import claim_data, journal_segments, parse_journal
 from watcher.fsops import relative_to
-from watcher.pipeline import Outcome, Result, _refusal
+from watcher.pipeline import Result, _refusal
+from watcher.verdict import Outcome
 
 State = Literal["pending", "clean", "infected", "unscannable", "rejected", "unscanned", "unknown"]
 FINAL_STATES: frozenset[str] = frozenset(
     {"clean", "infected", "unscannable", "rejected", "unscanned"}
 )
-_STATE_OF: dict[Outcome, State] = {
-    Outcome.CLEAN: "clean",
-    Outcome.ALLOWLISTED: "clean",
-    Outcome.INFECTED: "infected",
-    Outcome.UNSCANNABLE: "unscannable",
-    Outcome.HELD: "unscannable",
-    Outcome.REJECTED: "rejected",
-    Outcome.UNSCANNED: "unscanned",
-}
+
+
+def state_of(outcome: Outcome) -> State | None:
+    """The API state of a settled outcome: its verdict word, but for an allowlisted file,
+    which the app may use like a clean one (it says so in `allowlisted: true`)."""
+    word = outcome.verdict_word
+    if word is None:
+        return None
+    return cast(State, "clean" if outcome is Outcome.ALLOWLISTED else word)
 
 
 @dataclass(frozen=True, slots=True)  # up to WATCHER_VERDICT_MEMORY of these are kept
@@ -86,7 +87,7 @@ class Verdicts:
 
     def record(self, result: Result) -> None:
         """Listener for final results; wakes whoever waits on this path."""
-        state = _STATE_OF.get(result.outcome)
+        state = state_of(result.outcome)
         if state is None:  # GONE: another daemon decided it
             return
         status = FileStatus(
@@ -190,11 +191,8 @@ class Verdicts:
 
 
 class ClaimIndex:
-    """Which uploads are claimed right now, from the daemons' staging journals.
-
-    A journal line ``{"id", "rel", "at"}`` announces a claim whose bytes are
-    ``<daemon dir>/<id>.data`` until delivered. Segments only grow, and are deleted whole.
-    """
+    """Which uploads are claimed right now, from the daemons' staging journals (their format:
+    watcher/claims.py). Segments only grow, and are deleted whole: each byte is read once."""
 
     def __init__(self, staging_root: Path) -> None:
         self.staging_root = staging_root
@@ -209,12 +207,12 @@ class ClaimIndex:
             found = []
             for segment, (_, _, rels) in self._segments.items():
                 for claim_id, at in rels.get(rel, ()):
-                    if os.path.lexists(segment.parent / f"{claim_id}.data"):
+                    if os.path.lexists(claim_data(segment, claim_id)):
                         found.append(at)
             return found
 
     def _refresh(self) -> None:
-        present = set(self.staging_root.glob("d-*/journal-*"))
+        present = set(journal_segments(self.staging_root))
         for gone in self._segments.keys() - present:
             del self._segments[gone]
         for segment in present:
@@ -231,12 +229,8 @@ class ClaimIndex:
                 offset, rels = 0, {}
             f.seek(offset)
             data = f.read()
-        complete = data[: data.rfind(b"\n") + 1]  # a line still being written waits
-        for line in complete.splitlines():
-            try:
-                fields = json.loads(line)
-                if "rel" in fields:
-                    rels.setdefault(fields["rel"], []).append((fields["id"], float(fields["at"])))
-            except (ValueError, KeyError, TypeError):
-                continue
-        self._segments[segment] = (inode, offset + len(complete), rels)
+        complete = data.rfind(b"\n") + 1  # a line still being written waits
+        for fields in parse_journal(data):
+            if "rel" in fields and isinstance(fields.get("at"), int | float):
+                rels.setdefault(fields["rel"], []).append((fields["id"], float(fields["at"])))
+        self._segments[segment] = (inode, offset + complete, rels)

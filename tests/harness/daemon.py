@@ -15,7 +15,7 @@ from typing import IO, Any
 
 from harness import ROOT
 from harness.clamd import Clamd
-from harness.events import Events
+from harness.events import Events, record_of
 
 # Lowers RLIMIT_NOFILE, then becomes `python -m watcher run` (no preexec_fn: tests are threaded).
 _WITH_NOFILE = (
@@ -149,10 +149,7 @@ class DaemonProcess:
                 copy.close()
 
     def _parse(self, line: bytes, events: Events) -> None:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = {"event": "raw", "line": line.decode("utf-8", "replace")}
+        record = record_of(line)
         if self.keep is None:
             self.lines.append(line)
         if record.get("event") == "watcher.ready":

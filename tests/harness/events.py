@@ -3,6 +3,7 @@ that a test or a bench waits for, and a polled predicate for what logs nothing."
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import Counter
@@ -78,6 +79,18 @@ class Events:
 
     def _count(self, names: tuple[str, ...]) -> int:
         return sum(self.counts[name] for name in names)
+
+
+def record_of(line: bytes) -> dict[str, Any]:
+    """One line of a daemon's output: its JSON event, or event ``raw`` with the line (there
+    must be none: every line watcher writes is one JSON object)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        record = None
+    if isinstance(record, dict):
+        return record
+    return {"event": "raw", "line": line.decode("utf-8", "replace")}
 
 
 def _matches(record: dict[str, Any], name: str, fields: dict[str, Any]) -> bool:

@@ -36,15 +36,10 @@ from typing import Any
 from benchlib import RESULTS, ROOT, Watcher, bench_clamd, move_all, small_files
 from harness.clamd import Clamd
 from harness.http_client import Slowloris
+from harness.net import free_port
 from harness.proc import cpu_seconds
 
 Addr = tuple[str, int]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def requests_per_s(addr: Addr, path: str, seconds: float, keep_alive: bool) -> float:

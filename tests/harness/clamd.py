@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from harness import TESTSIGS
+from harness.net import free_port
 
 if TYPE_CHECKING:
     from watcher.clamav import ClamdScanner
@@ -35,7 +36,8 @@ class Clamd:
     (without it: the official image's), ``MaxThreads 4``. The switches are for the cases that
     need another clamd: benchmarks (``disable_cache``: clamd caches clean results by hash, a
     benchmark would measure nothing), a full queue (``max_queue``), encrypted archives flagged
-    by clamd itself (``alert_encrypted``); anything else goes into ``extra_conf``."""
+    by clamd itself (``alert_encrypted``), TCP besides the unix socket (``tcp_host``, e.g.
+    ``127.0.0.2``: each loopback address a host); anything else goes into ``extra_conf``."""
 
     def __init__(
         self,
@@ -47,7 +49,11 @@ class Clamd:
         alert_encrypted: bool = False,
         disable_cache: bool = False,
         max_queue: int | None = None,
+        tcp_host: str | None = None,
     ) -> None:
+        self.tcp = (tcp_host, free_port(tcp_host)) if tcp_host else None
+        if self.tcp is not None:
+            extra_conf += f"TCPSocket {self.tcp[1]}\nTCPAddr {self.tcp[0]}\n"
         self.root = root
         self.socket = root / "clamd.sock"
         self.db = root / "db"
@@ -70,6 +76,12 @@ class Clamd:
             + extra_conf
         )
         self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        """``host:port`` of its TCP socket."""
+        assert self.tcp is not None
+        return f"{self.tcp[0]}:{self.tcp[1]}"
 
     @property
     def scanner(self) -> ClamdScanner:

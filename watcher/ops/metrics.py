@@ -18,10 +18,11 @@ from typing import Any
 
 from loguru import logger
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from watcher.claims import claimed_files
+from watcher.endpoints import STATES, EndpointStatus
 from watcher.events import alerted
 from watcher.ops.state import DaemonState, JobRuns
 from watcher.pipeline import Result
@@ -126,6 +127,7 @@ class _DaemonCollector(Collector):
         yield _gauge(
             "watcher_clamd_trusted", "1 if clamd answered its canaries right.", 1 if trusted else 0
         )
+        yield from clamd_endpoint_metrics(d.clamd_endpoints())
         yield self._definitions_age(now)
         yield _gauge(
             "watcher_definitions_stale",
@@ -177,6 +179,44 @@ class _DaemonCollector(Collector):
                 failure.add_metric([name], run.last_failure.timestamp())
         yield success
         yield failure
+
+
+def clamd_endpoint_metrics(endpoints: list[EndpointStatus]) -> Iterator[Metric]:
+    """Per endpoint of a clamd pool (label `endpoint`, ``host:port``); absent without one."""
+    state = GaugeMetricFamily(
+        "watcher_clamd_endpoint_state",
+        "1 for each clamd endpoint's current state: ready (gets files), unchecked, down, "
+        "untrusted (answered a canary wrongly).",
+        labels=["endpoint", "state"],
+    )
+    in_flight = GaugeMetricFamily(
+        "watcher_clamd_endpoint_in_flight",
+        "Scans in flight on each clamd endpoint.",
+        labels=["endpoint"],
+    )
+    capacity = GaugeMetricFamily(
+        "watcher_clamd_endpoint_max_threads",
+        "Each clamd endpoint's MaxThreads: the scans sent to it at once.",
+        labels=["endpoint"],
+    )
+    scans = CounterMetricFamily(
+        "watcher_clamd_endpoint_scans",
+        "Scans each clamd endpoint answered.",
+        labels=["endpoint"],
+    )
+    failures = CounterMetricFamily(
+        "watcher_clamd_endpoint_failures",
+        "Connections each clamd endpoint refused, and scans it lost.",
+        labels=["endpoint"],
+    )
+    for e in endpoints:
+        for name in STATES:
+            state.add_metric([e.endpoint, name], 1 if e.state == name else 0)
+        in_flight.add_metric([e.endpoint], e.in_flight)
+        capacity.add_metric([e.endpoint], e.capacity)
+        scans.add_metric([e.endpoint], e.scans)
+        failures.add_metric([e.endpoint], e.failures)
+    yield from (state, in_flight, capacity, scans, failures)
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

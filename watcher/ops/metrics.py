@@ -11,12 +11,11 @@ from __future__ import annotations
 import os
 import stat
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from loguru import logger
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -24,6 +23,7 @@ from prometheus_client.registry import Collector
 from watcher.claims import claimed_files
 from watcher.endpoints import STATES, EndpointStatus
 from watcher.events import alerted
+from watcher.logs import observe_events
 from watcher.ops.state import DaemonState, JobRuns
 from watcher.pipeline import Result
 from watcher.settings import Settings
@@ -63,15 +63,16 @@ class Metrics:
         for event, level in alerted():  # at 0 from the start: see watcher/events.py
             self.events.labels(event, level)
         self.registry.register(_DaemonCollector(settings, daemon, job_runs))
-        self._sink_id: int | None = None
+        self._event_counters: dict[tuple[str, str], Any] = {}
+        self._stop_observing: Callable[[], None] | None = None
 
     def start(self) -> None:
-        self._sink_id = logger.add(self._count_event, level="INFO", format="{message}")
+        self._stop_observing = observe_events(self._count_event)
 
     def stop(self) -> None:
-        if self._sink_id is not None:
-            logger.remove(self._sink_id)
-            self._sink_id = None
+        if self._stop_observing is not None:
+            self._stop_observing()
+            self._stop_observing = None
 
     def observe(self, result: Result) -> None:
         """Daemon listener: one final result."""
@@ -87,11 +88,11 @@ class Metrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    def _count_event(self, message: Any) -> None:
-        record = message.record
-        name = record["extra"].get("event")
-        if isinstance(name, str):
-            self.events.labels(name, record["level"].name).inc()
+    def _count_event(self, event: str, level: str) -> None:
+        counter = self._event_counters.get((event, level))
+        if counter is None:  # the label lookup, once per event name
+            counter = self._event_counters[event, level] = self.events.labels(event, level)
+        counter.inc()
 
 
 class _DaemonCollector(Collector):

@@ -64,7 +64,10 @@ class Service:
             signal.signal(sig, lambda *_: self.daemon.stop_event.set())
         self.start()
         try:
-            self.daemon.stop_event.wait()
+            # The kernel may hand the signal to any thread; Python runs its handler in the main
+            # thread, between bytecodes only: wake up to run it (a bare wait() slept through it).
+            while not self.daemon.stop_event.wait(0.5):
+                pass
         finally:
             self.close()
         return 0

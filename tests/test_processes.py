@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 from http_support import get
-from support import EICAR, DaemonProcess, files_under, quarantined, wait_until
+from support import EICAR, Clamd, DaemonProcess, Events, files_under, quarantined, wait_until
+
+from watcher.service import Service
+from watcher.settings import Settings
 
 
 def children(pid: int) -> list[int]:
@@ -71,3 +75,29 @@ def test_three_scan_processes_share_the_work_and_answer_as_one(
         assert daemon.terminate() == 0
     assert all(not os.path.exists(f"/proc/{pid}") for pid in scan_processes)
     assert not [r for r in daemon.events.records if r.get("event") == "raw"]
+
+
+def test_scan_processes_check_clamd_again_when_definitions_are_reloaded(
+    make_settings: Callable[..., Settings], own_clamd: Clamd, events: Events
+) -> None:
+    """The update job runs in the first process; the others must hear of the reload, or they
+    would trust a clamd that lost its signatures until their next periodic check (5 min)."""
+    lose_eicar = f"rm {own_clamd.db / 'watcher-test.ndb'}"
+    service = Service(
+        make_settings(
+            clamav_socket=own_clamd.socket, definitions_dir=own_clamd.db,
+            update_command=lose_eicar, processes=2,
+        )
+    )  # fmt: skip
+    service.start()
+    try:
+        wait_until(lambda: service.processes.alive() and service.processes.queue_depth() == 0)
+        events.wait_for("clamd.trusted")
+        assert service.processes.clamd_distrust() is None
+        service.jobs.run_now("update-definitions")
+        events.wait_for("clamd.untrusted", timeout_s=60)  # the first process's own check
+        problem = wait_until(service.processes.clamd_distrust, 15, "the scan process's distrust")
+        assert "canary eicar" in problem
+    finally:
+        service.close()
+    assert not service.processes.alive()

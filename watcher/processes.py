@@ -106,7 +106,10 @@ class _Child:
 class ScanProcesses:
     """Starts, watches and stops scan processes 1..count-1 (the caller's daemon is 0)."""
 
-    def __init__(self, count: int, publish: Callable[[Result], None]) -> None:
+    def __init__(self, settings: Settings, count: int, publish: Callable[[Result], None]) -> None:
+        # The scan processes get the very settings we run with (not the environment again:
+        # an embedding caller may have built them otherwise).
+        self._settings_json = settings.model_dump_json()
         self.count = count
         self._publish = publish
         self._children = [_Child(i) for i in range(1, count)]
@@ -135,7 +138,11 @@ class ScanProcesses:
             argv,
             stdin=subprocess.PIPE,
             pass_fds=(write_fd,),
-            env={**os.environ, "WATCHER_BRIDGE_FD": str(write_fd)},
+            env={
+                **os.environ,
+                "WATCHER_BRIDGE_FD": str(write_fd),
+                "WATCHER_SCAN_SETTINGS": self._settings_json,
+            },
         )
         os.close(write_fd)
         with self._lock:
@@ -271,6 +278,8 @@ class _Bridge:
 
 def run_scan_process(settings: Settings, partition: Partition) -> int:
     """`watcher run --partition I/N`, started by the first process; not for people."""
+    if os.environ.get("WATCHER_SCAN_SETTINGS"):
+        settings = Settings.model_validate_json(os.environ["WATCHER_SCAN_SETTINGS"])
     bridge = _Bridge(int(os.environ.get("WATCHER_BRIDGE_FD", BRIDGE_FD)))
     daemon = Daemon(settings, partition=partition)
     daemon.add_listener(bridge.result)

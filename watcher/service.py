@@ -34,7 +34,7 @@ class Service:
         self.settings = settings
         count = settings.processes or auto_count(os.cpu_count())
         self.daemon = Daemon(settings, scanner, Partition(0, count))
-        self.processes = ScanProcesses(count, self.daemon.publish)
+        self.processes = ScanProcesses(settings, count, self.daemon.publish)
         self.jobs = Jobs(
             settings,
             self.daemon.scanner,

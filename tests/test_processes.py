@@ -91,7 +91,7 @@ def test_scan_processes_check_clamd_again_when_definitions_are_reloaded(
     )  # fmt: skip
     service.start()
     try:
-        wait_until(lambda: service.processes.alive() and service.processes.queue_depth() == 0)
+        wait_until(service.processes.reporting, 30, "the scan process to start")
         events.wait_for("clamd.trusted")
         assert service.processes.clamd_distrust() is None
         service.jobs.run_now("update-definitions")

@@ -220,6 +220,10 @@ class ScanProcesses:
     def alive(self) -> bool:
         return all(c.proc is not None and c.proc.poll() is None for c in self._children)
 
+    def reporting(self) -> bool:
+        """Every scan process has started and said how it is (at least once)."""
+        return self.alive() and all(self._states())
+
     def _states(self) -> list[dict[str, Any]]:
         with self._lock:
             return [dict(c.state) for c in self._children]

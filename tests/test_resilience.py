@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import os
-import platform
 import random
 import signal
 import subprocess
@@ -184,32 +182,6 @@ def test_sigterm_stops_gracefully_with_exit_0(
     assert daemon.proc.wait(timeout=30) == 0
     daemon.events.wait_for("watcher.stopping")
     daemon.events.wait_for("watcher.stopped")
-
-
-def test_sigterm_received_by_a_worker_thread_still_stops_the_daemon(
-    dirs: dict[str, Path], subprocess_env: dict[str, str]
-) -> None:
-    """The kernel gives a process's signal to any of its threads: Python runs the handler in
-    the main thread, which must not sleep through it (seen: `watcher run` hanging on SIGTERM)."""
-    daemon = DaemonProcess(subprocess_env).start()
-    (dirs["uploads"] / "x.txt").write_bytes(b"x")
-    daemon.events.wait_for("file.clean")
-    threads = [int(tid) for tid in os.listdir(f"/proc/{daemon.pid}/task")]
-    workers = [tid for tid in threads if tid != daemon.pid]
-    assert daemon.proc is not None and workers
-    try:
-        assert tgkill(daemon.pid, workers[-1], signal.SIGTERM) == 0
-        assert daemon.proc.wait(timeout=10) == 0
-    finally:
-        if daemon.alive:
-            daemon.kill()
-    daemon.events.wait_for("watcher.stopped")
-
-
-def tgkill(pid: int, tid: int, sig: int) -> int:
-    """Send `sig` to one thread of another process (Python has os.kill and pthread_kill)."""
-    number = {"x86_64": 234, "aarch64": 131}[platform.machine()]  # SYS_tgkill
-    return int(ctypes.CDLL(None, use_errno=True).syscall(number, pid, tid, sig))
 
 
 class ScriptedScanner:

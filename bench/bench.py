@@ -30,7 +30,7 @@ from typing import Any
 from benchlib import RESULTS, Watcher, bench_clamd, move_all, small_files
 from harness.clamd import Clamd
 from harness.files import count_files
-from harness.proc import cpu_seconds, rss_mb
+from harness.proc import cpu_seconds, rss_mb, tree_cpu_seconds
 
 # -- corpus ---------------------------------------------------------------------------------
 
@@ -142,6 +142,50 @@ def watcher_drain(
     return finished - started, cpu, daemon
 
 
+CLAMD_THREADS = (1, 2, 4)
+
+
+def cores(corpus: Path, base: Path, files: int) -> dict[str, dict[str, Any]]:
+    """One `watcher run` against clamd at 1, 2 and 4 threads (clamd's own limit measured at
+    each), then with WATCHER_PROCESSES=2 at 4 threads: does the daemon keep up as clamd gets
+    more threads, and what does a file cost it (CPU of every process, from /proc)?"""
+    results: dict[str, dict[str, Any]] = {}
+    runs = [(threads, 1) for threads in CLAMD_THREADS] + [(CLAMD_THREADS[-1], 2)]
+    for threads, processes in runs:
+        key = f"{threads} threads, {processes} process{'es' if processes > 1 else ''}"
+        clamd = Clamd(
+            base / f"clamd-{threads}-{processes}", max_threads=threads, alert_encrypted=True,
+            disable_cache=True, max_queue=200,
+        ).start()  # fmt: skip
+        try:
+            engine_s = min(engine_limit(clamd, corpus) for _ in range(2))
+            daemon = Watcher(
+                base / f"run-{threads}-{processes}", clamd, WATCHER_PROCESSES=str(processes)
+            )
+            try:
+                daemon.events.wait_for("watcher.ready", count=processes, timeout_s=30)
+                before = tree_cpu_seconds(daemon.pid), cpu_seconds(clamd.pid)
+                started = move_all(corpus, daemon.uploads)
+                finished = daemon.wait_delivered(files, 600)
+                daemon_s = tree_cpu_seconds(daemon.pid) - before[0]
+                clamd_s = cpu_seconds(clamd.pid) - before[1]
+            finally:
+                daemon.stop()
+        finally:
+            clamd.stop()
+        results[key] = {
+            "engine_files_per_s": files / engine_s,
+            "watcher_files_per_s": files / (finished - started),
+            "watcher_vs_engine": engine_s / (finished - started),
+            "daemon_cpu_ms_per_file": 1000 * daemon_s / files,
+            "clamd_cpu_ms_per_file": 1000 * clamd_s / files,
+        }
+        shutil.rmtree(corpus)
+        make_corpus(corpus, files)
+        print(f"cores {key}: {results[key]}", flush=True)
+    return results
+
+
 REPLICAS = (1, 2, 4)
 
 
@@ -222,14 +266,14 @@ def latency(daemon: Watcher, rate: int, seconds: int) -> dict[str, float]:
         next_at += interval
         time.sleep(max(0.0, next_at - time.monotonic()))
     deadline = time.monotonic() + 60
-    while sum(1 for r in daemon.log[first:] if r["path"] in closed_at) < len(closed_at):
+    while sum(1 for r in daemon.log[first:] if r.get("path") in closed_at) < len(closed_at):
         if time.monotonic() > deadline:
             raise RuntimeError("latency files not all delivered")
         time.sleep(0.05)
     delays = sorted(
         (datetime.fromisoformat(r["time"]).timestamp() - closed_at[r["path"]]) * 1000
         for r in daemon.log[first:]
-        if r["path"] in closed_at and r["event"] == "file.clean"
+        if r.get("path") in closed_at and r["event"] == "file.clean"
     )
     q = statistics.quantiles(delays, n=100, method="inclusive")
     return {"p50_ms": q[49], "p95_ms": q[94], "p99_ms": q[98], "max_ms": delays[-1]}
@@ -271,7 +315,7 @@ def big_file(daemon: Watcher, size: int) -> dict[str, Any]:
     outcome = None
     while outcome is None and time.monotonic() < deadline:
         peak = max(peak, rss_mb(daemon.pid))
-        outcome = next((r for r in daemon.log[first:] if r["path"] == "big.bin"), None)
+        outcome = next((r for r in daemon.log[first:] if r.get("path") == "big.bin"), None)
         time.sleep(0.05)
     return {
         "event": outcome and outcome["event"],
@@ -403,6 +447,7 @@ def main() -> int:
             daemon.stop()
         make_corpus(corpus, args.files)  # the same files again (the drain moved them away)
         results["replicas"] = replicas(corpus, base / "replicas", args.files)
+        results["cores"] = cores(corpus, base / "cores", args.files)
     finally:
         clamd.stop()
         shutil.rmtree(base, ignore_errors=True)
@@ -452,6 +497,16 @@ def print_table(r: dict[str, Any]) -> None:
         rows.append(("2 GB file", f"{big['event']}; {peak}", "flat"))
     if "replicas" in r:
         rows.extend(replica_rows(r["replicas"]))
+    for key, c in r.get("cores", {}).items():
+        rows.append(
+            (
+                f"clamd {key}: engine / watcher; ÷; daemon / clamd CPU per file",
+                f"{c['engine_files_per_s']:.0f} / {c['watcher_files_per_s']:.0f} files/s; "
+                f"{c['watcher_vs_engine']:.2f}; {c['daemon_cpu_ms_per_file']:.2f} / "
+                f"{c['clamd_cpu_ms_per_file']:.2f} ms",
+                "≥ 0.8 (2 cores, test signatures)",
+            )
+        )
     machine, corpus = r["machine"], r["corpus"]
     print(
         f"\nmachine: {machine['cores']} cores, {machine['clamd']}, {machine['signatures']} "

@@ -105,6 +105,7 @@ def _settings(dirs: dict[str, Path], socket: Path, definitions: Path) -> Callabl
             "clamav_socket": socket,
             "settle_s": 0.3,
             "sweep_interval_s": 30,
+            "staging_lease_s": 2,  # a killed daemon's claims adopted within ~3 s, not 40
             "shutdown_grace_s": 10,
             "update_command": "",  # never freshclam against the real mirrors from a test
             "definitions_dir": definitions,
@@ -157,6 +158,7 @@ def subprocess_env(dirs: dict[str, Path], clamd_server: Clamd) -> dict[str, str]
         dirs,
         clamd_server,
         WATCHER_SETTLE_S="0.3",
+        WATCHER_STAGING_LEASE_S="2",
         WATCHER_UPDATE_COMMAND="",
         WATCHER_DEFINITIONS_DIR=str(clamd_server.db),
         WATCHER_HTTP_ADDR="127.0.0.1:0",

@@ -31,6 +31,7 @@ from watcher.delivery import Deliverer
 from watcher.endpoints import EndpointStatus
 from watcher.errors import ClamdUnavailable
 from watcher.intake import Intake
+from watcher.leases import LeaseKeeper, renew_interval_s
 from watcher.logs import emit
 from watcher.pipeline import Pipeline, PipelineConfig, Result, RetryCause
 from watcher.settings import Settings, check_disjoint
@@ -192,7 +193,14 @@ class Daemon:
         self.partition = partition
         self.scanner: Scanner = scanner or scanner_from_settings(settings)
         self.stop_event = threading.Event()
-        self.staging = Staging(settings.staging_root)
+        self.staging = Staging(settings.staging_root, settings.staging_lease_s)
+        self.lease_keeper = LeaseKeeper(
+            renew_interval_s(settings.staging_lease_s),
+            self.staging.renew_lease,
+            self.staging.orphans_due,
+            on_orphans=self._adopt_orphans,
+            on_lost=self._lease_lost,
+        )
         self.deliverer = Deliverer(settings.processed_dir, settings.quarantine_dir, self.staging)
         self.allowlist = Allowlist(settings.state_dir / "allowlist")
         self.inspector = inspector_from_settings(settings, self.scanner)
@@ -269,6 +277,7 @@ class Daemon:
         s.uploads_dir.mkdir(parents=True, exist_ok=True)
         self.deliverer.start()
         self.staging.open()
+        self.lease_keeper.start()
         # clamd's threads are shared by every scan process: each gets its share of them.
         workers = -(-(s.workers or self._clamd_threads()) // self.partition.count)
         if not s.scanning_enabled:
@@ -320,6 +329,7 @@ class Daemon:
         if self._closed:
             return
         self._closed = True
+        self.lease_keeper.stop()
         self.staging.close()
         emit("watcher.stopped", unfinished=unfinished)
 
@@ -387,6 +397,12 @@ class Daemon:
             emit("staging.adopted", path=claim.rel, id=claim.id)
             self.queue.offer(claim, force=True)
 
+    def _lease_lost(self) -> None:
+        """Another daemon took our lease (we were frozen or cut off longer than it): our
+        claims are its now. Stop; a supervisor starts us afresh."""
+        emit("staging.lease_lost", dir=str(self.staging.dir))
+        self.stop_event.set()
+
     def _check_clamd(self) -> None:
         """Canaries (watcher/canaries.py) for a real clamd; a test's scripted scanner is trusted."""
         if self.settings.scanning_enabled and isinstance(self.scanner, ClamdScanner):
@@ -421,6 +437,9 @@ class Daemon:
         while not self.stop_event.is_set():
             if not self.clamd.up.wait(timeout=0.5) or not self.clamd_check.trusted.wait(0.5):
                 continue  # clamd is down, or answered a canary wrongly: files wait
+            if not self.staging.lease.held():
+                self.stop_event.wait(0.5)  # our lease lapsed: our claims may be adopted
+                continue
             item = self.queue.get(timeout_s=0.5)
             if item is None:
                 continue
@@ -483,6 +502,10 @@ class Daemon:
         assert result.claim is not None
         if result.retry_cause is RetryCause.CLAMD_DOWN:
             self.clamd.mark_down(result.reason or "")
+            if self.staging.unclaim(result.claim, self.settings.uploads_dir):
+                # Back in uploads, where it waits for us or for another replica's clamd.
+                emit("file.released", path=result.rel, reason=result.reason)
+                return
         elif result.retry_cause is RetryCause.DELIVERY:
             self.destinations.failed(_str(result.dest) or "?", result.reason or "")
         elif result.retry_cause is RetryCause.STORAGE_FULL:

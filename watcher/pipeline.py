@@ -376,18 +376,10 @@ class Pipeline:
         if held:
             dest = self.staging.hold(claim)
             emit("file.unscannable", action="held", dest=str(dest), **fields)
-            return Result(
-                Outcome.HELD,
-                claim.rel,
-                dest=dest,
-                size=size,
-                sha256=sha,
-                reason=reason,
-                cause=cause,
-            )
-        emit("file.unscannable", action="quarantined", id=claim.id, dest=str(dest), **fields)
+        else:
+            emit("file.unscannable", action="quarantined", id=claim.id, dest=str(dest), **fields)
         return Result(
-            Outcome.UNSCANNABLE,
+            Outcome.HELD if held else Outcome.UNSCANNABLE,
             claim.rel,
             dest=dest,
             size=size,

@@ -285,6 +285,24 @@ CATALOG: dict[str, Event] = {
         "exception",
         "a listener of final results (metrics, verdicts, delivery log) raised",
     ),
+    "notify.failed": Event(
+        "WARNING",
+        "an operator notification could not be sent",
+        "events, reason",
+        "Apprise could not send a notification (`WATCHER_NOTIFY_URLS`) to any of its URLs; its events are not sent again",
+    ),
+    "notify.sent": Event(
+        "INFO",
+        "operator notification sent",
+        "events, counts",
+        "one Apprise message summed up `events` events (`counts` by kind)",
+    ),
+    "provenance.skipped": Event(
+        "INFO",
+        "provenance attributes not set: the filesystem or permissions do not allow them",
+        "reason",
+        "user extended attributes could not be set on a delivered file (unsupported, or not permitted); once per reason, the delivery goes on",
+    ),
     "quarantine.deleted": Event(
         "INFO",
         "deleted from quarantine",
@@ -325,6 +343,12 @@ CATALOG: dict[str, Event] = {
         "reason",
         "clamd unreachable: retried at the next tick",
     ),
+    "store.write_failed": Event(
+        "ERROR",
+        "the verdict store refused a write: the files' claims wait",
+        "count, reason",
+        "records could not be written to the verdict store; the delivered files keep their claims (retried each second, or settled at the next start)",
+    ),
     "staging.adopted": Event(
         "INFO",
         "took over a stopped daemon's claim",
@@ -355,6 +379,12 @@ CATALOG: dict[str, Event] = {
         "dest",
         "the last file that waited for space there is delivered",
     ),
+    "verdicts.pruned": Event(
+        "INFO",
+        "verdict store retention applied",
+        "deleted, max_age_s, max_records",
+        "the `prune-verdicts` job deleted records past WATCHER_VERDICT_RETENTION or WATCHER_VERDICT_MAX_RECORDS",
+    ),
     "watcher.ready": Event(
         "INFO",
         "ready: watching for uploads",
@@ -369,6 +399,25 @@ CATALOG: dict[str, Event] = {
     ),
     "watcher.stopped": Event("INFO", "stopped", "in_flight / unfinished", "shutdown"),
     "watcher.stopping": Event("INFO", "stopping", "in_flight / unfinished", "shutdown"),
+    "webhook.dead": Event(
+        "ERROR",
+        "a webhook event was given up: dead letter",
+        "id, target, url, attempts, error",
+        "an event failed `WATCHER_WEBHOOK_MAX_ATTEMPTS` times; it stays in the store's outbox as a dead letter",
+        alerted=True,
+    ),
+    "webhook.receiver_down": Event(
+        "WARNING",
+        "a webhook receiver fails: its events wait and are retried",
+        "target, url, reason",
+        "a webhook URL refused or failed a delivery (once per run of failures); events wait in the outbox",
+    ),
+    "webhook.receiver_up": Event(
+        "INFO",
+        "a webhook receiver accepts events again",
+        "target, url, down_s",
+        "the first delivery after `webhook.receiver_down` succeeded",
+    ),
     "worker.error": Event(
         "ERROR",
         "unexpected error",

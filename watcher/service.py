@@ -5,10 +5,12 @@ operations surface (watcher/ops/): they are built here, on the daemon's state an
 hooks. Start and stop order:
 
 - start: take the HTTP port (a taken WATCHER_HTTP_ADDR fails before any file is claimed), the
-  daemon, the jobs, then the HTTP server, metrics and heartbeat;
+  notifier's log sink, the daemon (which opens the verdict store), the jobs, then the HTTP
+  server, metrics and heartbeat, then the webhook sender;
 - stop: drain the daemon (intake stops, in-flight scans finish within the grace time), stop
   the jobs within what is left of it, close the delivery log unless a worker may still write
-  it, then the operations surface, then the daemon's staging directory.
+  it, then the operations surface, the webhook sender and notifier (what is gathered is sent),
+  then the daemon's staging directory and verdict store.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from watcher.clamav import Scanner
 from watcher.daemon import Daemon
 from watcher.jobs import Jobs
 from watcher.ops import Operations
+from watcher.push import Push
 from watcher.settings import Settings
 
 
@@ -33,16 +36,20 @@ class Service:
             self.daemon.definitions,
             on_reloaded=self.daemon.definitions_reloaded,
             allowlisted=self.daemon.allowlist.contains,
+            recorder=self.daemon.recorder,
         )
         self.daemon.add_listener(self.jobs.deliveries.record)
-        self.ops = Operations(settings, self.daemon, self.jobs.status)
+        self.ops = Operations(settings, self.daemon, self.jobs.status, self.daemon.recorder)
+        self.push = Push(settings, self.daemon.recorder)
         self._closed = False
 
     def start(self) -> None:
         self.ops.bind()
+        self.push.start_notifier()
         self.daemon.start()
         self.jobs.start()
         self.ops.start()
+        self.push.start()
 
     def close(self) -> None:
         """Idempotent."""
@@ -56,6 +63,7 @@ class Service:
         if not unfinished:  # a worker still running may yet record a delivery
             self.jobs.deliveries.close()
         self.ops.close()
+        self.push.close()
         self.daemon.close()
 
     def run(self) -> int:

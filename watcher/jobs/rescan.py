@@ -13,11 +13,13 @@ import json
 import os
 import stat
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from watcher import provenance
 from watcher.claims import new_id
 from watcher.clamav import Scanner
 from watcher.delivery import QUARANTINE_FILE_MODE
@@ -32,6 +34,7 @@ from watcher.fsops import (
 from watcher.jobs.deliveries import Delivery, DeliveryLog
 from watcher.logs import emit
 from watcher.quarantine import new_record
+from watcher.store import VerdictRecord
 from watcher.verdict import Infected, NotScanned, Outcome
 
 
@@ -53,8 +56,10 @@ class Rescanner:
         window_s: float,
         stop: threading.Event,
         allowlisted: Callable[[str], bool] = lambda sha256: False,
+        on_late: Callable[[VerdictRecord, str], object] = lambda record, location: None,
     ) -> None:
         self.allowlisted = allowlisted
+        self.on_late = on_late  # recording.Recorder.mark_late: the store, the webhooks
         self.scanner = scanner
         self.log = log
         self.processed_dir = log.processed_dir
@@ -156,6 +161,21 @@ class Rescanner:
             delivered_at=entry.at.isoformat(),
             removed_from_processed=removed,
         )
+        now = time.time()
+        late = VerdictRecord(
+            id=qid,
+            path=entry.rel,
+            verdict="infected",
+            decided_at=now,
+            sha256=sha,
+            size=st.st_size,
+            signature=signature,
+            definitions=version,
+            location=f"quarantine/{qid}",
+            late_at=now,
+        )
+        provenance.stamp(fd, late.to_json())  # the app's own links to it say so, too
+        self.on_late(late, f"processed/{entry.dest}")
         return True
 
 

@@ -32,7 +32,7 @@ NOTIFIED: dict[str, tuple[str, bool]] = {
     "file.infected_late": (
         "DELIVERED files found infected later (the app may have served them)",
         True,
-    ),  # noqa: E501
+    ),
     "file.unscannable": ("files could not be scanned", False),
     "definitions.stale": ("virus definitions are stale", True),
     "definitions.update_failed": ("definition updates failed", False),

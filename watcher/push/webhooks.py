@@ -91,6 +91,7 @@ class WebhookSender:
         self.max_backoff_s = max_backoff_s
         self.timeout_s = timeout_s
         self.clock = clock
+        self.lease_s = timeout_s + 5.0
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -138,10 +139,15 @@ class WebhookSender:
             now = self.clock()
             if self._held_until.get(target, 0.0) > now:
                 return
-            events = self.store.due(target, now, BATCH, lease_s=2 * self.timeout_s + 30)
-            for n, event in enumerate(events):
-                if self._stop.is_set() or not self._attempt(target, event):
-                    self.store.release([e.id for e in events[n + 1 :]])
+            events = self.store.due(target, now, BATCH)
+            for event in events:
+                if self._stop.is_set():
+                    return
+                # Leased one at a time, for one attempt: a crash holds back at most this one,
+                # for as long as the lease.
+                if not self.store.lease(event.id, self.clock(), self.clock() + self.lease_s):
+                    continue  # another sender (a second daemon) has it
+                if not self._attempt(target, event):
                     return
             if len(events) < BATCH:
                 return
@@ -158,11 +164,9 @@ class WebhookSender:
                 emit("webhook.receiver_up", target=target, url=shown(url), down_s=down_s)
             return True
         attempts = event.attempts + 1
-        if target not in self._down_since:
-            self._down_since[target] = now
-            emit("webhook.receiver_down", target=target, url=shown(url), reason=error)
         if attempts >= self.max_attempts:
             self.store.dead(event.id, now, error)
+            self._down(target, url, now, error)
             emit(
                 "webhook.dead",
                 id=event.key,
@@ -175,7 +179,13 @@ class WebhookSender:
             delay_s = self.backoff_s(attempts)
             self.store.failed(event.id, now + delay_s, error)
             self._held_until[target] = now + delay_s
+            self._down(target, url, now, error)
         return False
+
+    def _down(self, target: str, url: str, now: float, error: str) -> None:
+        if target not in self._down_since:
+            self._down_since[target] = now
+            emit("webhook.receiver_down", target=target, url=shown(url), reason=error)
 
     def backoff_s(self, attempts: int) -> float:
         """1 s, 2 s, 4 s ... capped, less up to a fifth at random (receivers coming back are

@@ -122,16 +122,16 @@ class VerdictStore(Protocol):
 
     # -- the outbox ----------------------------------------------------------------------
 
-    def due(self, target: str, now: float, limit: int, lease_s: float) -> list[OutboxEvent]:
-        """Events of `target` due at `now`, oldest first, leased for `lease_s` (another
-        sender, e.g. a second daemon on the same store, skips them meanwhile)."""
+    def due(self, target: str, now: float, limit: int) -> list[OutboxEvent]:
+        """Events of `target` due at `now` and not leased, oldest first."""
+
+    def lease(self, event_id: int, now: float, until: float) -> bool:
+        """Take the event for one attempt until `until` (another sender, e.g. a second
+        daemon on the same store, skips it meanwhile); False if another holds it."""
 
     def delivered(self, event_id: int) -> None: ...
     def failed(self, event_id: int, next_at: float, error: str) -> None: ...
     def dead(self, event_id: int, now: float, error: str) -> None: ...
-    def release(self, event_ids: Sequence[int]) -> None:
-        """Give leased events back untried (their target failed on another event)."""
-
     def next_due_at(self, target: str) -> float | None:
         """The earliest time an undelivered, live event of `target` is due (None: none)."""
 

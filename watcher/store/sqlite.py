@@ -219,19 +219,27 @@ class SqliteStore:
 
     # -- the outbox ---------------------------------------------------------------------
 
-    def due(self, target: str, now: float, limit: int, lease_s: float) -> list[OutboxEvent]:
-        with self._write() as conn:
-            rows = conn.execute(
+    def due(self, target: str, now: float, limit: int) -> list[OutboxEvent]:
+        rows = (
+            self._reader()
+            .execute(
                 "SELECT id, key, target, body, attempts, created_at FROM outbox "
                 "WHERE target = ? AND dead_at IS NULL AND next_at <= ? AND lease_until <= ? "
                 "ORDER BY id LIMIT ?",
                 (target, now, now, limit),
-            ).fetchall()
-            conn.executemany(
-                "UPDATE outbox SET lease_until = ? WHERE id = ?",
-                [(now + lease_s, row[0]) for row in rows],
             )
+            .fetchall()
+        )
         return [OutboxEvent(*row) for row in rows]
+
+    def lease(self, event_id: int, now: float, until: float) -> bool:
+        with self._write() as conn:
+            taken = conn.execute(
+                "UPDATE outbox SET lease_until = ? "
+                "WHERE id = ? AND dead_at IS NULL AND lease_until <= ?",
+                (until, event_id, now),
+            ).rowcount
+        return bool(taken == 1)
 
     def delivered(self, event_id: int) -> None:
         with self._write() as conn:
@@ -252,11 +260,6 @@ class SqliteStore:
                 "last_error = ? WHERE id = ?",
                 (now, error[:500], event_id),
             )
-
-    def release(self, event_ids: Sequence[int]) -> None:
-        with self._write() as conn:
-            rows = [(i,) for i in event_ids]
-            conn.executemany("UPDATE outbox SET lease_until = 0 WHERE id = ?", rows)
 
     def next_due_at(self, target: str) -> float | None:
         (at,) = (

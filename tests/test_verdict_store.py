@@ -1,0 +1,201 @@
+"""The verdict store: verdicts outlive the daemon (SIGKILL included), answer by path and by
+content, are updated by a late detection, and are bounded by age and count."""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from http_support import get
+from receiver import Receiver
+from sigserver import SignatureServer, freshclam_command
+from support import EICAR, Clamd, DaemonProcess, Events, files_under, staged, wait_until
+
+from watcher.jobs import Jobs
+from watcher.service import Service
+from watcher.settings import Settings
+from watcher.store import STORE_FILE, VerdictRecord
+from watcher.store.sqlite import SqliteStore
+
+Start = Callable[..., Service]
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_verdicts_are_answered_after_a_sigkill_and_a_restart(
+    subprocess_env: dict[str, str], dirs: dict[str, Path]
+) -> None:
+    daemon = DaemonProcess(subprocess_env).start()
+    try:
+        (dirs["uploads"] / "in").mkdir()
+        (dirs["uploads"] / "in" / "report.txt").write_bytes(b"figures")
+        (dirs["uploads"] / "bad.com").write_bytes(EICAR)
+        daemon.events.wait_for("file.clean", path="in/report.txt")
+        daemon.events.wait_for("file.infected", path="bad.com")
+        wait_until(lambda: not staged(dirs["uploads"]), 10, "the deliveries to be committed")
+        daemon.kill()
+
+        daemon.start()
+        addr = daemon.http_address
+        started = time.monotonic()
+        clean = get(addr, "/v1/files/in/report.txt?wait=20").json()
+        assert time.monotonic() - started < 5  # answered from the store, not at the limit
+        assert clean["state"] == "clean" and clean["sha256"] == sha(b"figures")
+        assert clean["location"] == "processed/in/report.txt" and clean["size"] == 7
+        assert clean["scanned_at"] and clean["definitions"]
+        infected = get(addr, "/v1/files/bad.com").json()
+        assert infected["state"] == "infected" and infected["signature"]
+        assert (dirs["quarantine"] / infected["location"].removeprefix("quarantine/")).exists()
+        by_content = get(addr, f"/v1/verdicts/{sha(EICAR)}").json()
+        assert by_content["state"] == "infected"
+        assert [f["path"] for f in by_content["files"]] == ["bad.com"]
+    finally:
+        daemon.kill()
+
+
+def test_a_file_delivered_just_before_a_sigkill_has_its_verdict_after_the_restart(
+    subprocess_env: dict[str, str], dirs: dict[str, Path]
+) -> None:
+    """The store is locked by another writer: the file reaches processed, its record cannot
+    be written, the daemon is killed. The claim's journal holds the verdict: the next start
+    writes it."""
+    daemon = DaemonProcess(subprocess_env).start()
+    blocker = sqlite3.connect(dirs["state"] / STORE_FILE, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")  # every other writer waits
+        (dirs["uploads"] / "late night.txt").write_bytes(b"delivered, not yet recorded")
+        wait_until(lambda: (dirs["processed"] / "late night.txt").exists(), 20, "the delivery")
+        assert staged(dirs["uploads"])  # its claim waits for the record
+        daemon.kill()
+        blocker.execute("ROLLBACK")
+        assert blocker.execute("SELECT COUNT(*) FROM verdicts").fetchone() == (0,)
+
+        daemon.start()
+        body = get(daemon.http_address, "/v1/files/late%20night.txt?wait=20").json()
+        assert body["state"] == "clean" and body["location"] == "processed/late night.txt"
+        assert body["sha256"] == sha(b"delivered, not yet recorded")
+        daemon.events.wait_for("file.recovered", path="late night.txt")
+        wait_until(lambda: not staged(dirs["uploads"]), 10, "the claim to be settled")
+        (row,) = blocker.execute("SELECT verdict, location FROM verdicts").fetchall()
+        assert row == ("clean", "processed/late night.txt")
+        assert files_under(dirs["processed"]) == {"late night.txt": b"delivered, not yet recorded"}
+    finally:
+        blocker.close()
+        daemon.kill()
+
+
+def test_verdicts_by_content_list_every_file_with_those_bytes(
+    start_daemon: Start, dirs: dict[str, Path], events: Events
+) -> None:
+    daemon = start_daemon()
+    (dirs["uploads"] / "a.txt").write_bytes(b"same bytes")
+    (dirs["uploads"] / "b.txt").write_bytes(b"same bytes")
+    events.wait_for("file.clean", count=2)
+    wait_until(lambda: len(get(daemon, f"/v1/verdicts/{sha(b'same bytes')}").json()["files"]) == 2)
+    body = get(daemon, f"/v1/verdicts/{sha(b'same bytes').upper()}").json()
+    assert body["state"] == "clean" and body["sha256"] == sha(b"same bytes")
+    assert sorted(f["path"] for f in body["files"]) == ["a.txt", "b.txt"]
+    assert get(daemon, f"/v1/verdicts/{sha(b'never seen')}").json()["state"] == "unknown"
+    assert get(daemon, "/v1/verdicts/abc").status == 400
+
+
+@pytest.fixture
+def mirror(tmp_path: Path) -> Iterator[SignatureServer]:
+    server = SignatureServer(tmp_path / "mirror").start()
+    yield server
+    server.stop()
+
+
+def test_a_late_detection_updates_the_stored_verdict_and_tells_the_app(
+    make_settings: Callable[..., Settings],
+    own_clamd: Clamd,
+    dirs: dict[str, Path],
+    events: Events,
+    mirror: SignatureServer,
+    tmp_path: Path,
+) -> None:
+    marker = (
+        b"WATCHER-LATE-STORE-" + hashlib.sha256(str(tmp_path).encode()).hexdigest()[:12].encode()
+    )
+    body = b"looks fine\n" + marker + b"\n"
+    receiver = Receiver().start()
+    command = freshclam_command(tmp_path / "freshclam.conf", own_clamd.db, mirror.url("new.ndb"))
+    daemon = Service(
+        make_settings(
+            clamav_socket=own_clamd.socket,
+            definitions_dir=own_clamd.db,
+            update_command=command,
+            webhook_url=receiver.url,
+            webhook_secret="s3cret",
+        )
+    )
+    daemon.start()
+    try:
+        (dirs["uploads"] / "late.bin").write_bytes(body)
+        events.wait_for("file.clean", path="late.bin")
+        assert receiver.wait_for(1)[0].json()["file"]["state"] == "clean"
+        mirror.publish("new.ndb", {"Watcher.Test.LateStore": marker})
+        daemon.jobs.run_now("update-definitions")
+        (late,) = events.wait_for("file.infected_late", path="late.bin", timeout_s=60)
+
+        status = get(daemon, "/v1/files/late.bin").json()
+        assert status["state"] == "infected" and status["detected_late_at"]
+        assert status["location"] == f"quarantine/{late['id']}" and status["signature"]
+        assert status["sha256"] == sha(body)
+        first, second = receiver.wait_for(2)
+        event = second.json()
+        assert event["type"] == "file.infected_late" and event["id"] == f"late-{late['id']}"
+        assert event["file"]["state"] == "infected" and event["file"]["path"] == "late.bin"
+        assert first.json()["id"] != event["id"]
+    finally:
+        daemon.close()
+        receiver.stop()
+
+
+def record(n: int, at: float, path: str = "f") -> VerdictRecord:
+    return VerdictRecord(id=f"id-{n}", path=f"{path}{n}", verdict="clean", decided_at=at)
+
+
+def test_retention_deletes_records_past_the_age_then_the_oldest_beyond_the_count(
+    tmp_path: Path,
+) -> None:
+    store = SqliteStore(tmp_path / STORE_FILE)
+    store.open()
+    now = time.time()
+    store.record([record(n, now - 100 + n) for n in range(10)] + [record(99, now - 10_000)])
+    assert store.prune(older_than=now - 1000, max_records=6) == 5  # the ancient one, 4 oldest
+    assert store.by_path("f99") is None and store.by_path("f3") is None
+    assert [store.by_path(f"f{n}") is not None for n in range(4, 10)] == [True] * 6
+    store.close()
+
+
+def test_the_prune_job_applies_the_retention_settings(
+    make_settings: Callable[..., Settings], start_daemon: Start, events: Events
+) -> None:
+    daemon = start_daemon(verdict_retention="1d", verdict_max_records=1000)
+    store = daemon.daemon.recorder.store
+    assert store is not None
+    now = datetime.now(UTC)
+    old = (now - timedelta(days=2)).timestamp()
+    store.record([record(1, old), record(2, now.timestamp())])
+    assert daemon.jobs.prune_verdicts(now) == 1
+    (pruned,) = events.named("verdicts.pruned")
+    assert pruned["deleted"] == 1 and pruned["max_records"] == 1000
+    assert store.by_path("f2") is not None and store.by_path("f1") is None
+
+
+def test_names_that_are_not_utf8_are_stored_and_found(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / STORE_FILE)
+    store.open()
+    name = b"caf\xe9 \xff.txt".decode("utf-8", "surrogateescape")
+    store.record([VerdictRecord(id="x", path=name, verdict="clean", decided_at=1.0)])
+    found = store.by_path(name)
+    assert found is not None and found.path == name
+    store.close()

@@ -16,7 +16,6 @@ from receiver import Receiver
 from sigserver import SignatureServer, freshclam_command
 from support import EICAR, Clamd, DaemonProcess, Events, files_under, staged, wait_until
 
-from watcher.jobs import Jobs
 from watcher.service import Service
 from watcher.settings import Settings
 from watcher.store import STORE_FILE, VerdictRecord

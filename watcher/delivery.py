@@ -68,6 +68,7 @@ class Deliverer:
         self.processed_dir.mkdir(parents=True, exist_ok=True)
         self.quarantine_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.quarantine_dir, 0o700)
+        provenance.forget_reports()
         self.committer.start()
 
     def close(self) -> None:

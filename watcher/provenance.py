@@ -12,7 +12,9 @@ They are set on the claim's inode after the scan and before the file is visible 
 ``user.watcher.*`` attribute (one an uploader set) is removed. Where the filesystem has no user
 attributes (tmpfs before Linux 6.6, some network filesystems) or the daemon may not write them
 (a file of another user without write permission) nothing is set, `provenance.skipped` is
-logged once per reason, and the delivery goes on: provenance never stops a file.
+logged once per reason and daemon start, and the delivery goes on: provenance never stops a
+file. A consumer should trust the attributes where the daemon can write them (its own files,
+or running as root): elsewhere an uploader's own ``user.watcher.*`` could not be removed.
 """
 
 from __future__ import annotations
@@ -92,6 +94,12 @@ def read(path: str | os.PathLike[str]) -> dict[str, str]:
                 value = os.getxattr(path, name, follow_symlinks=False)
                 found[name.removeprefix(PREFIX)] = value.decode(errors="replace")
     return found
+
+
+def forget_reports() -> None:
+    """Each daemon start logs each reason once again (Deliverer.start)."""
+    with _reported_lock:
+        _reported.clear()
 
 
 def _skipped(err: OSError) -> None:

@@ -406,6 +406,12 @@ CATALOG: dict[str, Event] = {
         "an event failed `WATCHER_WEBHOOK_MAX_ATTEMPTS` times; it stays in the store's outbox as a dead letter",
         alerted=True,
     ),
+    "webhook.error": Event(
+        "ERROR",
+        "the webhook sender failed: it tries again in a few seconds",
+        "exception",
+        "the webhook sender's loop raised (the verdict store busy or failing); events wait in the outbox",
+    ),
     "webhook.receiver_down": Event(
         "WARNING",
         "a webhook receiver fails: its events wait and are retried",

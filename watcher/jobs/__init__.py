@@ -46,7 +46,7 @@ from watcher.jobs.retention import Retention
 from watcher.jobs.status import JobStatus
 from watcher.jobs.updates import ClamdControl, UpdateOutcome, Updater
 from watcher.logs import emit
-from watcher.recording import Recorder
+from watcher.recording import Recorder, recorder_from_settings
 from watcher.settings import Settings
 
 TICK_S = 300.0
@@ -245,8 +245,13 @@ def update_definitions_once(settings: Settings, scanner: Scanner) -> int:
     if not settings.update_argv:
         emit("definitions.update_failed", cause="no_command")
         return EXIT_FAILED
-    jobs = Jobs(settings, scanner, DefinitionsState())
-    outcome = jobs.updater.update_now(datetime.now(UTC))
+    recorder = recorder_from_settings(settings)  # a late detection updates the stored verdict
+    recorder.open()
+    try:
+        jobs = Jobs(settings, scanner, DefinitionsState(), recorder=recorder)
+        outcome = jobs.updater.update_now(datetime.now(UTC))
+    finally:
+        recorder.close()
     return EXIT_OK if outcome in (UpdateOutcome.UPDATED, UpdateOutcome.CURRENT) else EXIT_FAILED
 
 

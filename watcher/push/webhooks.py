@@ -122,7 +122,7 @@ class WebhookSender:
                     self._send_due(target)
                 wait_s = self._wait_s()
             except Exception:  # the store is busy or failing: never die, try again soon
-                emit("listener.error", exception=True)
+                emit("webhook.error", exception=True)
                 wait_s = IDLE_WAIT_S
             self._wake.wait(wait_s)
 

@@ -118,7 +118,8 @@ class VerdictStore(Protocol):
 
     def prune(self, older_than: float, max_records: int) -> int:
         """Delete records decided before `older_than`, then the oldest beyond `max_records`;
-        outbox rows delivered or dead before `older_than` too. Returns records deleted."""
+        the same for outbox events (dead letters, or events for a URL no longer configured).
+        Returns the records deleted."""
 
     # -- the outbox ----------------------------------------------------------------------
 

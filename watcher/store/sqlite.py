@@ -212,9 +212,13 @@ class SqliteStore:
                     "(SELECT id FROM verdicts ORDER BY decided_at LIMIT ?)",
                     (count - max_records,),
                 ).rowcount
-            conn.execute(
-                "DELETE FROM outbox WHERE dead_at IS NOT NULL AND dead_at < ?", (older_than,)
-            )
+            conn.execute("DELETE FROM outbox WHERE created_at < ?", (older_than,))
+            (events,) = conn.execute("SELECT COUNT(*) FROM outbox").fetchone()
+            if events > max_records:  # a receiver gone for very long: the oldest go
+                conn.execute(
+                    "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT ?)",
+                    (events - max_records,),
+                )
         return int(deleted)
 
     # -- the outbox ---------------------------------------------------------------------

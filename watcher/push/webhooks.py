@@ -30,7 +30,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from watcher import __version__
 from watcher.logs import emit
@@ -91,7 +91,7 @@ class WebhookSender:
         self.max_backoff_s = max_backoff_s
         self.timeout_s = timeout_s
         self.clock = clock
-        self.lease_s = timeout_s + 5.0
+        self._conns: dict[str, http.client.HTTPConnection] = {}  # kept alive, per target
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -115,16 +115,23 @@ class WebhookSender:
     # -- the loop -----------------------------------------------------------------------
 
     def _run(self) -> None:
+        locked = False
         while not self._stop.is_set():
             self._wake.clear()
+            wait_s = IDLE_WAIT_S  # while another daemon on the same store is the sender
             try:
-                for target in self.urls:
-                    self._send_due(target)
-                wait_s = self._wait_s()
+                locked = locked or self.store.lock_sender()
+                if locked:
+                    for target in self.urls:
+                        self._send_due(target)
+                    wait_s = self._wait_s()
             except Exception:  # the store is busy or failing: never die, try again soon
                 emit("webhook.error", exception=True)
-                wait_s = IDLE_WAIT_S
             self._wake.wait(wait_s)
+        for conn in self._conns.values():
+            conn.close()
+        if locked:
+            self.store.unlock_sender()
 
     def _wait_s(self) -> float:
         now, wake_at = self.clock(), self.clock() + IDLE_WAIT_S
@@ -140,15 +147,15 @@ class WebhookSender:
             if self._held_until.get(target, 0.0) > now:
                 return
             events = self.store.due(target, now, BATCH)
-            for event in events:
-                if self._stop.is_set():
-                    return
-                # Leased one at a time, for one attempt: a crash holds back at most this one,
-                # for as long as the lease.
-                if not self.store.lease(event.id, self.clock(), self.clock() + self.lease_s):
-                    continue  # another sender (a second daemon) has it
-                if not self._attempt(target, event):
-                    return
+            sent: list[int] = []
+            try:
+                for event in events:
+                    if self._stop.is_set() or not self._attempt(target, event):
+                        return
+                    sent.append(event.id)
+            finally:
+                if sent:  # one transaction for the batch: a crash sends these again
+                    self.store.delivered(sent)
             if len(events) < BATCH:
                 return
 
@@ -157,7 +164,6 @@ class WebhookSender:
         error = self._post(url, event)
         now = self.clock()
         if error is None:
-            self.store.delivered(event.id)
             since = self._down_since.pop(target, None)
             if since is not None:
                 down_s = round(now - since, 3)
@@ -199,9 +205,6 @@ class WebhookSender:
         timestamp = int(self.clock())
         parts = urlsplit(url)
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        secure = parts.scheme == "https"
-        connection = http.client.HTTPSConnection if secure else http.client.HTTPConnection
-        conn = connection(parts.hostname or "", parts.port, timeout=self.timeout_s)
         headers = {
             "Content-Type": "application/json",
             "User-Agent": f"watcher/{__version__}",
@@ -213,14 +216,28 @@ class WebhookSender:
         if parts.username or parts.password:
             userinfo = f"{parts.username or ''}:{parts.password or ''}".encode()
             headers["Authorization"] = "Basic " + base64.b64encode(userinfo).decode()
-        try:
-            conn.request("POST", path, body=body, headers=headers)
-            response = conn.getresponse()
-            response.read(64 * 1024)
-        except (OSError, http.client.HTTPException) as err:
-            return f"{type(err).__name__}: {err}"
-        finally:
-            conn.close()
-        if 200 <= response.status < 300:
-            return None
-        return f"HTTP {response.status}"
+        target = target_id(url)
+        conn = self._conns.pop(target, None)  # kept alive from the last event, if any
+        reused = conn is not None
+        while True:
+            conn = conn or self._connect(parts)
+            try:
+                conn.request("POST", path, body=body, headers=headers)
+                response = conn.getresponse()
+                response.read(64 * 1024)
+            except (OSError, http.client.HTTPException) as err:
+                conn.close()
+                if reused:  # the receiver closed an idle connection: not a failure
+                    conn, reused = None, False
+                    continue
+                return f"{type(err).__name__}: {err}"
+            if response.will_close:
+                conn.close()
+            else:
+                self._conns[target] = conn
+            return None if 200 <= response.status < 300 else f"HTTP {response.status}"
+
+    def _connect(self, parts: SplitResult) -> http.client.HTTPConnection:
+        secure = parts.scheme == "https"
+        connection = http.client.HTTPSConnection if secure else http.client.HTTPConnection
+        return connection(parts.hostname or "", parts.port, timeout=self.timeout_s)

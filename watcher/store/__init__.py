@@ -123,14 +123,19 @@ class VerdictStore(Protocol):
 
     # -- the outbox ----------------------------------------------------------------------
 
+    def lock_sender(self) -> bool:
+        """Become the one process that sends the outbox (a second daemon on the same store
+        waits); False while another holds it. Released by `unlock_sender`, or by the
+        holder's death (SQLite: an flock; a server database: an advisory lock)."""
+
+    def unlock_sender(self) -> None: ...
+
     def due(self, target: str, now: float, limit: int) -> list[OutboxEvent]:
-        """Events of `target` due at `now` and not leased, oldest first."""
+        """Events of `target` due at `now`, oldest first."""
 
-    def lease(self, event_id: int, now: float, until: float) -> bool:
-        """Take the event for one attempt until `until` (another sender, e.g. a second
-        daemon on the same store, skips it meanwhile); False if another holds it."""
+    def delivered(self, event_ids: Sequence[int]) -> None:
+        """Delivered events leave the outbox (not fsynced: a crash may send them again)."""
 
-    def delivered(self, event_id: int) -> None: ...
     def failed(self, event_id: int, next_at: float, error: str) -> None: ...
     def dead(self, event_id: int, now: float, error: str) -> None: ...
     def next_due_at(self, target: str) -> float | None:

@@ -11,6 +11,7 @@ Paths are stored as bytes (os.fsencode): an upload's name need not be UTF-8.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import sqlite3
 import threading
@@ -54,7 +55,6 @@ CREATE TABLE IF NOT EXISTS outbox (
     created_at REAL NOT NULL,
     next_at REAL NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
-    lease_until REAL NOT NULL DEFAULT 0,
     last_error TEXT,
     dead_at REAL,
     UNIQUE (key, target)
@@ -84,6 +84,7 @@ class SqliteStore:
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
+        self._sender_lock_fd = -1
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -96,6 +97,7 @@ class SqliteStore:
         self._writer.executescript(_SCHEMA)
 
     def close(self) -> None:
+        self.unlock_sender()
         with self._write_lock:
             if self._writer is not None:
                 self._writer.close()
@@ -116,11 +118,14 @@ class SqliteStore:
         return conn
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def _write(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """A transaction; `durable`: fsynced at its commit (the outbox's bookkeeping is not:
+        a crash may only send an event again, or retry it sooner)."""
         with self._write_lock:
             conn = self._writer
             if conn is None:
                 raise sqlite3.ProgrammingError("the verdict store is closed")
+            conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
@@ -223,44 +228,49 @@ class SqliteStore:
 
     # -- the outbox ---------------------------------------------------------------------
 
+    def lock_sender(self) -> bool:
+        if self._sender_lock_fd < 0:
+            flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+            self._sender_lock_fd = os.open(self.path.with_name("webhooks.lock"), flags, 0o600)
+        try:
+            fcntl.flock(self._sender_lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    def unlock_sender(self) -> None:
+        if self._sender_lock_fd >= 0:
+            os.close(self._sender_lock_fd)  # the flock goes with it
+            self._sender_lock_fd = -1
+
     def due(self, target: str, now: float, limit: int) -> list[OutboxEvent]:
         rows = (
             self._reader()
             .execute(
                 "SELECT id, key, target, body, attempts, created_at FROM outbox "
-                "WHERE target = ? AND dead_at IS NULL AND next_at <= ? AND lease_until <= ? "
-                "ORDER BY id LIMIT ?",
-                (target, now, now, limit),
+                "WHERE target = ? AND dead_at IS NULL AND next_at <= ? ORDER BY id LIMIT ?",
+                (target, now, limit),
             )
             .fetchall()
         )
         return [OutboxEvent(*row) for row in rows]
 
-    def lease(self, event_id: int, now: float, until: float) -> bool:
-        with self._write() as conn:
-            taken = conn.execute(
-                "UPDATE outbox SET lease_until = ? "
-                "WHERE id = ? AND dead_at IS NULL AND lease_until <= ?",
-                (until, event_id, now),
-            ).rowcount
-        return bool(taken == 1)
-
-    def delivered(self, event_id: int) -> None:
-        with self._write() as conn:
-            conn.execute("DELETE FROM outbox WHERE id = ?", (event_id,))
+    def delivered(self, event_ids: Sequence[int]) -> None:
+        with self._write(durable=False) as conn:
+            conn.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in event_ids])
 
     def failed(self, event_id: int, next_at: float, error: str) -> None:
-        with self._write() as conn:
+        with self._write(durable=False) as conn:
             conn.execute(
-                "UPDATE outbox SET attempts = attempts + 1, next_at = ?, lease_until = 0, "
+                "UPDATE outbox SET attempts = attempts + 1, next_at = ?, "
                 "last_error = ? WHERE id = ?",
                 (next_at, error[:500], event_id),
             )
 
     def dead(self, event_id: int, now: float, error: str) -> None:
-        with self._write() as conn:
+        with self._write(durable=False) as conn:
             conn.execute(
-                "UPDATE outbox SET attempts = attempts + 1, dead_at = ?, lease_until = 0, "
+                "UPDATE outbox SET attempts = attempts + 1, dead_at = ?, "
                 "last_error = ? WHERE id = ?",
                 (now, error[:500], event_id),
             )
@@ -269,8 +279,7 @@ class SqliteStore:
         (at,) = (
             self._reader()
             .execute(
-                "SELECT MIN(CASE WHEN lease_until > next_at THEN lease_until ELSE next_at END) "
-                "FROM outbox WHERE target = ? AND dead_at IS NULL",
+                "SELECT MIN(next_at) FROM outbox WHERE target = ? AND dead_at IS NULL",
                 (target,),
             )
             .fetchone()

@@ -161,6 +161,9 @@ class Deliverer:
             (dest.parent / _tmp_name(claim)).unlink(missing_ok=True)
         if not os.path.lexists(dest) or not self._same_content(claim, dest):
             return None
+        if claim.verdict is None:  # nothing to record (a journal from before the store)
+            self.staging.drop(claim)
+            return dest
         try:  # settled like a fresh delivery: its record first, then its staging name goes
             self.committer.submit(claim, open_root(dest.parent))
         except OSError:

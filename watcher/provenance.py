@@ -25,7 +25,6 @@ import os
 import threading
 from typing import Any
 
-from watcher.logs import emit
 from watcher.store import iso
 
 PREFIX = "user.watcher."
@@ -103,6 +102,9 @@ def forget_reports() -> None:
 
 
 def _skipped(err: OSError) -> None:
+    # Imported here: fsops (and so `watcher healthcheck`) must not load the logging stack.
+    from watcher.logs import emit
+
     with _reported_lock:
         if err.errno in _reported:
             return

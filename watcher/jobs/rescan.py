@@ -8,6 +8,7 @@ if processed still holds the very file we delivered (same device and inode).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -149,18 +150,6 @@ class Rescanner:
         if removed is None:
             record.unlink(missing_ok=True)
             return False
-        emit(
-            "file.infected_late",
-            path=entry.rel,
-            processed_path=str(path),
-            dest=str(target),
-            id=qid,
-            size=st.st_size,
-            sha256=sha,
-            signature=signature,
-            delivered_at=entry.at.isoformat(),
-            removed_from_processed=removed,
-        )
         now = time.time()
         late = VerdictRecord(
             id=qid,
@@ -174,8 +163,24 @@ class Rescanner:
             location=f"quarantine/{qid}",
             late_at=now,
         )
-        provenance.stamp(fd, late.to_json())  # the app's own links to it say so, too
-        self.on_late(late, f"processed/{entry.dest}")
+        with contextlib.suppress(OSError):  # the app's own links to it say so, too
+            provenance.stamp(fd, late.to_json())
+        try:  # stored (and the app told) before the alert: who reacts to it finds it there
+            self.on_late(late, f"processed/{entry.dest}")
+        except Exception as err:
+            emit("store.write_failed", count=1, reason=str(err))
+        emit(
+            "file.infected_late",
+            path=entry.rel,
+            processed_path=str(path),
+            dest=str(target),
+            id=qid,
+            size=st.st_size,
+            sha256=sha,
+            signature=signature,
+            delivered_at=entry.at.isoformat(),
+            removed_from_processed=removed,
+        )
         return True
 
 

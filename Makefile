@@ -21,12 +21,15 @@ deps:
 	fi
 
 # Only the tests need these: zip and 7z build the archive cases; promtool (in Debian's
-# prometheus) checks the alert rules; node runs the Node.js example and Grafana's LogQL grammar.
+# prometheus) checks the alert rules; node runs the Node.js example and Grafana's LogQL grammar;
+# kubectl (Debian's kubernetes-client) renders the Kubernetes manifests with its kustomize.
 # Each is installed only if missing. Debian's prometheus starts a server on :9090 where systemd runs: we want promtool only.
 test-deps: $(LOGQL)
 	@if ! dpkg -s $(TEST_DEBIAN_PACKAGES) >/dev/null 2>&1; then \
 	  apt-get update -qq && $(APT_ENV) apt-get install -y -qq --no-install-recommends $(TEST_DEBIAN_PACKAGES); \
 	fi
+	@command -v kubectl >/dev/null || { \
+	  apt-get update -qq && $(APT_ENV) apt-get install -y -qq --no-install-recommends kubernetes-client; }
 	@command -v promtool >/dev/null || { \
 	  apt-get update -qq && $(APT_ENV) apt-get install -y -qq --no-install-recommends prometheus && \
 	  { [ ! -d /run/systemd/system ] || systemctl disable --now prometheus >/dev/null 2>&1 || true; }; }

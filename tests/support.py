@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -68,13 +69,29 @@ def run_cli(
     )
 
 
+def free_port(host: str) -> int:
+    """A TCP port nobody listens on at `host` right now (the kernel's pick)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
 class Clamd:
-    """A real clamd with its own config, socket and test signatures under `root`."""
+    """A real clamd with its own config, socket and test signatures under `root`; with
+    `tcp_host` it also listens on TCP there (``127.0.0.2``: each loopback address a host)."""
 
     def __init__(
-        self, root: Path, max_threads: int = 4, extra_conf: str = "", alert_exceeds_max: bool = True
+        self,
+        root: Path,
+        max_threads: int = 4,
+        extra_conf: str = "",
+        alert_exceeds_max: bool = True,
+        tcp_host: str | None = None,
     ) -> None:
         """Stock settings plus ``AlertExceedsMax yes`` (without it: the official image's)."""
+        self.tcp = (tcp_host, free_port(tcp_host)) if tcp_host else None
+        if self.tcp is not None:
+            extra_conf += f"TCPSocket {self.tcp[1]}\nTCPAddr {self.tcp[0]}\n"
         self.root = root
         self.socket = root / "clamd.sock"
         self.db = root / "db"
@@ -91,6 +108,12 @@ class Clamd:
             + extra_conf
         )
         self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        """``host:port`` of its TCP socket."""
+        assert self.tcp is not None
+        return f"{self.tcp[0]}:{self.tcp[1]}"
 
     @property
     def scanner(self) -> ClamdScanner:

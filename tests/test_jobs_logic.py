@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from support import Events, quarantined
+from support import Events, quarantined, wait_until
 
 from watcher.definitions import (
     DefinitionsState,
@@ -218,6 +218,7 @@ def test_delivery_log_keeps_the_window_and_skips_a_torn_line(tmp_path: Path) -> 
     log = DeliveryLog(tmp_path / "state", tmp_path / "processed")
     for hours in (30, 25, 2, 1):
         log.append(Delivery(T0 - timedelta(hours=hours), f"f{hours}", f"f{hours}", 1, None, 1, 2))
+    log.flush()  # appends are gathered for GATHER_S before they are written
     with open(log.path, "ab") as f:
         f.write(b'{"at": "2026-03-01T11:')  # a crash mid-append
     assert [e.dest for e in log.entries(T0 - timedelta(hours=24))] == ["f2", "f1"]
@@ -232,6 +233,7 @@ def test_delivery_log_appends_survive_a_prune_by_another_process(tmp_path: Path)
     other_run = DeliveryLog(tmp_path / "state", tmp_path / "processed")
     daemon_log.append(Delivery(T0 - timedelta(hours=30), "old", "old", 1, None, 1, 2))
     daemon_log.append(Delivery(T0 - timedelta(hours=2), "kept", "kept", 1, None, 1, 3))
+    daemon_log.flush()  # appends are gathered for GATHER_S before they are written
     assert other_run.prune(T0, 24 * HOUR) == 1
     daemon_log.append(Delivery(T0 - timedelta(hours=1), "new", "new", 1, None, 1, 4))
     daemon_log.close()
@@ -341,3 +343,15 @@ def test_a_reload_that_never_completes_fails_and_backs_off(
     reloads = clamd.reloads
     assert jobs.updater.tick(T0 + timedelta(minutes=5)) is UpdateOutcome.NOT_DUE
     assert clamd.reloads == reloads  # not hammered every tick
+
+
+def test_gathered_delivery_log_lines_reach_the_file_without_a_flush(tmp_path: Path) -> None:
+    """Another process (`watcher update-definitions`) reads the file: a gathered line is
+    written within GATHER_S even while nothing more is appended."""
+    daemon_log = DeliveryLog(tmp_path / "state", tmp_path / "processed")
+    other_run = DeliveryLog(tmp_path / "state", tmp_path / "processed")
+    daemon_log.append(Delivery(T0, "soon", "soon", 1, None, 1, 2))
+    try:
+        wait_until(lambda: other_run.entries(T0 - timedelta(hours=1)), 5, "the line on disk")
+    finally:
+        daemon_log.close()

@@ -15,6 +15,11 @@ The canaries (none is ever a file: EICAR is assembled at run time):
 - ``encrypted``: a zip whose only member is marked encrypted, judged by the whole verdict path
   (clamd, then watcher's archive inspection): it must end unscannable (``encrypted``), or clean
   when WATCHER_ACCEPT_ENCRYPTED is set.
+
+With a pool of clamd endpoints (watcher/endpoints.py) every endpoint is checked on its own,
+and the pool asks for the same check before an endpoint gets its first file, and again each
+time it comes back: one endpoint answering right never vouches for another. `trusted` is set
+while at least one endpoint passed; those that did not get no file (`clamd.endpoint_untrusted`).
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from watcher.clamav import Scanner
+from watcher.clamav import ClamdScanner, Scanner
+from watcher.endpoints import EndpointPool, HostPort
 from watcher.errors import ClamdUnavailable
 from watcher.logs import emit
 from watcher.verdict import Clean, Infected, NotScanned, Verdict
@@ -113,6 +119,10 @@ class ClamdCheck:
         self.trusted = threading.Event()
         self.problem: str | None = NOT_CHECKED
         self.listeners: list[Callable[[], None]] = []  # told when `problem` changes
+        self._pool: EndpointPool | None = None
+        if isinstance(scanner, ClamdScanner) and scanner.pool is not None:
+            self._pool = scanner.pool
+            self._pool.vet = self._vet_endpoint  # before any endpoint gets a file
 
     def start(self) -> None:
         """One check now (before any file is taken), then a thread that repeats it."""
@@ -126,8 +136,10 @@ class ClamdCheck:
 
     def check(self) -> bool:
         with self._lock:
+            if self._pool is not None:
+                return self._check_pool(self._pool)
             try:
-                problem = self._first_wrong_answer()
+                problem = self._first_wrong_answer(self._scanner)
             except ClamdUnavailable as err:
                 self._on_unreachable(str(err))
                 self._set(f"{NOT_CHECKED}: {err}", log=False)
@@ -148,21 +160,42 @@ class ClamdCheck:
                 return
             self.check()
 
-    def _first_wrong_answer(self) -> str | None:
+    def _check_pool(self, pool: EndpointPool) -> bool:
+        """Every endpoint checked on its own; trusted while at least one passed."""
+        pool.vet_all()
+        endpoints = pool.status()
+        if any(e.state == "ready" for e in endpoints):
+            self._set(None, log=True)
+            return True
+        problems = "; ".join(f"{e.endpoint}: {e.problem}" for e in endpoints if e.problem)
+        if endpoints and all(e.state == "untrusted" for e in endpoints):
+            self._set(f"every clamd endpoint answered a canary wrongly: {problems}", log=True)
+            return False
+        reason = problems or "no clamd endpoint"
+        self._on_unreachable(reason)
+        self._set(f"{NOT_CHECKED}: {reason}", log=False)
+        return False
+
+    def _vet_endpoint(self, address: HostPort) -> str | None:
+        """The pool's check of one endpoint: its first wrong answer, or None."""
+        assert isinstance(self._scanner, ClamdScanner)
+        return self._first_wrong_answer(self._scanner.at(address))
+
+    def _first_wrong_answer(self, scanner: Scanner) -> str | None:
         """None when every canary got a trustworthy answer; raises ClamdUnavailable."""
         for canary in self._canaries:
-            verdict = self._scan(canary)
+            verdict = self._scan(canary, scanner)
             if isinstance(verdict, NotScanned) and verdict.transient:
                 raise ClamdUnavailable(f"canary {canary.name}: {verdict.reason}")
             if not canary.accepts(verdict, self._accept_encrypted):
                 return f"canary {canary.name}: expected {canary.expected}, got {_describe(verdict)}"
         return None
 
-    def _scan(self, canary: Canary) -> Verdict:
+    def _scan(self, canary: Canary, scanner: Scanner) -> Verdict:
         fd = os.memfd_create(f"watcher-canary-{canary.name}", os.MFD_CLOEXEC)
         try:
             os.write(fd, canary.data)
-            verdict = self._scanner.scan_fd(fd)
+            verdict = scanner.scan_fd(fd)
             return self._look_inside(fd, verdict) if canary.judge_whole_path else verdict
         finally:
             os.close(fd)

@@ -9,7 +9,6 @@ of: they read its state (`alive`, `queue_depth`, `failing`, ...) and listen to i
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 import itertools
 import os
@@ -27,6 +26,7 @@ from watcher.claims import Claim, Staging
 from watcher.clamav import ClamdScanner, Scanner, scanner_from_settings
 from watcher.definitions import DefinitionsState, LoadedDefinitions
 from watcher.delivery import Deliverer
+from watcher.endpoints import EndpointStatus
 from watcher.errors import ClamdUnavailable
 from watcher.intake import Intake
 from watcher.logs import emit
@@ -324,8 +324,7 @@ class Daemon:
             return "clamd is down: files wait until it answers PING again"
         try:
             if isinstance(self.scanner, ClamdScanner):
-                quick = dataclasses.replace(self.scanner, connect_timeout_s=timeout_s)
-                quick.ping(timeout=timeout_s)
+                self.scanner.ping(timeout=timeout_s)  # a pool: any usable endpoint
             else:
                 self.scanner.ping()
         except ClamdUnavailable as err:
@@ -335,6 +334,10 @@ class Daemon:
 
     def clamd_distrust(self) -> str | None:
         return self.clamd_check.problem
+
+    def clamd_endpoints(self) -> list[EndpointStatus]:
+        """A pool's endpoints (CLAMAV_HOST over TCP), each with its state; none otherwise."""
+        return self.scanner.endpoints() if isinstance(self.scanner, ClamdScanner) else []
 
     def on_trust_change(self, listener: Callable[[], None]) -> None:
         self.clamd_check.listeners.append(listener)

@@ -44,6 +44,42 @@ CATALOG: dict[str, Event] = {
         "once per outage; intake pauses",
         alerted=True,
     ),
+    "clamd.endpoint_added": Event(
+        "INFO",
+        "a new clamd address: vetted before it gets files",
+        "endpoint",
+        "re-resolving CLAMAV_HOST found a new address (a new clamd pod); it gets files once it answers PING and the canaries",
+    ),
+    "clamd.endpoint_down": Event(
+        "WARNING",
+        "a clamd endpoint failed: its scans go to the others",
+        "endpoint, reason",
+        "an endpoint of the pool refused a connection or lost a scan; probed again with backoff. `clamd.down` only when none is left",
+    ),
+    "clamd.endpoint_removed": Event(
+        "INFO",
+        "a clamd address is gone",
+        "endpoint",
+        "re-resolving CLAMAV_HOST no longer finds this address: it gets no more files",
+    ),
+    "clamd.endpoint_untrusted": Event(
+        "ERROR",
+        "a clamd endpoint answered a canary wrongly: it gets no files",
+        "endpoint, problem",
+        "one endpoint of the pool is misconfigured (e.g. no `AlertExceedsMax`); the others scan; vetted again with backoff",
+    ),
+    "clamd.endpoint_up": Event(
+        "INFO",
+        "a clamd endpoint answers PING and the canaries: it gets files",
+        "endpoint, max_threads, down_s",
+        "an endpoint joined the pool, or came back",
+    ),
+    "clamd.resolve_failed": Event(
+        "WARNING",
+        "could not resolve CLAMAV_HOST: the last addresses are kept",
+        "hosts, reason",
+        "re-resolving the pool's names failed",
+    ),
     "clamd.trusted": Event(
         "INFO",
         "clamd answered every canary as it must",

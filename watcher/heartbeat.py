@@ -74,10 +74,13 @@ def check(state: Path, now: float | None = None) -> tuple[bool, str]:
     clamd = beat.get("clamd")
     if not clamd:
         return True, f"ok: daemon pid {pid} alive; scanning disabled, clamd not checked"
-    problem = clamd_socket.ping(parse_address(clamd), float(beat.get("probe_timeout_s", 0.5)))
-    if problem is not None:
-        return False, f"clamd not answering PING at {clamd}: {problem}"
-    return True, f"ok: daemon pid {pid} alive, clamd answered PING"
+    timeout_s = float(beat.get("probe_timeout_s", 0.5))
+    problem: str | None = "no clamd address"
+    for address in str(clamd).split(","):  # a pool: any endpoint answering will do
+        problem = clamd_socket.ping(parse_address(address), timeout_s)
+        if problem is None:
+            return True, f"ok: daemon pid {pid} alive, clamd answered PING"
+    return False, f"clamd not answering PING at {clamd}: {problem}"
 
 
 def pid_alive(pid: int) -> bool:

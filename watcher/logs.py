@@ -12,6 +12,7 @@ import logging
 import sys
 import traceback
 from collections import Counter
+from collections.abc import Callable, Iterable
 from datetime import UTC
 from typing import Any, TextIO
 
@@ -75,9 +76,10 @@ class _InterceptHandler(logging.Handler):
             level: str | int = logger.level(record.levelname).name
         except ValueError:
             level = record.levelno
-        logger.bind(event=f"lib.{record.name}").opt(exception=record.exc_info).log(
-            level, record.getMessage()
-        )
+        name = f"lib.{record.name}"
+        logger.bind(event=name).opt(exception=record.exc_info).log(level, record.getMessage())
+        for observer in _observers:
+            observer(name, record.levelname)
 
 
 def configure_logging(fmt: str = "json", level: str = "INFO", stream: TextIO | None = None) -> None:
@@ -88,6 +90,34 @@ def configure_logging(fmt: str = "json", level: str = "INFO", stream: TextIO | N
     sink = _Sink(stream or sys.stdout, fmt).write
     logger.add(sink, level=level, format="{message}", diagnose=False, backtrace=False)
     logging.basicConfig(handlers=[_InterceptHandler()], level=logging.WARNING, force=True)
+
+
+# Who else hears of each event (at INFO and above): metrics count them by name and level.
+# Called in the emitting thread, after the line is written; must be cheap and never raise.
+_observers: list[Callable[[str, str], None]] = []
+_watchers: dict[str, list[Callable[[str, dict[str, Any]], None]]] = {}  # by event name
+
+
+def observe_events(observer: Callable[[str, str], None]) -> Callable[[], None]:
+    """Call `observer(event, level)` for every event from now on; returns the way to stop."""
+    _observers.append(observer)
+    return lambda: _observers.remove(observer)
+
+
+def watch_events(
+    names: Iterable[str], watcher: Callable[[str, dict[str, Any]], None]
+) -> Callable[[], None]:
+    """Call `watcher(event, fields)` for each of these events from now on (on the emitting
+    thread: it must be quick); returns the way to stop."""
+    wanted = list(names)
+    for name in wanted:
+        _watchers.setdefault(name, []).append(watcher)
+
+    def stop() -> None:
+        for name in wanted:
+            _watchers[name].remove(watcher)
+
+    return stop
 
 
 def emit(name: str, /, *, exception: BaseException | bool | None = None, **fields: Any) -> None:
@@ -101,6 +131,11 @@ def emit(name: str, /, *, exception: BaseException | bool | None = None, **field
     if exception is not None and exception is not False:
         bound = bound.opt(exception=exception)
     bound.log(spec.level, spec.message)
+    if spec.level != "DEBUG":
+        for observer in _observers:
+            observer(name, spec.level)
+    for watcher in _watchers.get(name, ()):
+        watcher(name, fields)
 
 
 class LogBudget:

@@ -31,6 +31,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from watcher.endpoints import parse_hosts
 from watcher.errors import ConfigError
 from watcher.verdict import VERDICT_WORDS
 
@@ -99,6 +100,9 @@ class Settings(BaseSettings):
     scanning_enabled: bool = Field(
         True, validation_alias=AliasChoices("VIRUS_SCANNING_ENABLED", "scanning_enabled")
     )
+    # CLAMAV_HOST may name several endpoints, or a name with several addresses (a pool, see
+    # watcher/endpoints.py): names are resolved again this often.
+    clamd_resolve_interval_s: Seconds = Field(10.0, le=HOUR)
 
     log_format: Literal["json", "text"] = "json"
     log_level: Literal["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -148,6 +152,12 @@ class Settings(BaseSettings):
         # CLAMAV_SOCKET="" switches the socket off (TCP instead): an env var cannot be unset by
         # a compose override, only emptied (docker-compose.external-clamd.yml does).
         return None if value == "" else value
+
+    @field_validator("clamav_host")
+    @classmethod
+    def _check_clamav_host(cls, value: str) -> str:
+        parse_hosts(value, 3310)  # "a:3310,b", "[::1]:3310": a ValueError naming CLAMAV_HOST
+        return value
 
     @field_validator("http_addr")
     @classmethod

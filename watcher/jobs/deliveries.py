@@ -58,6 +58,12 @@ class Delivery:
             return None  # a line torn by a crash
 
 
+# Lines gathered before they are written: one locked write per batch instead of one per file
+# (the lock, stat and write showed as a twelfth of the daemon's time per file).
+GATHER_S = 0.05
+GATHER_MAX = 256
+
+
 class DeliveryLog:
     def __init__(self, state_dir: Path, processed_dir: Path) -> None:
         self.path = state_dir / LOG_NAME
@@ -67,6 +73,10 @@ class DeliveryLog:
         self._lock_fd = -1
         self._log_fd = -1
         self._log_identity = (-1, -1)
+        self._pending: list[bytes] = []
+        self._gathering = threading.Condition()
+        self._writer: threading.Thread | None = None
+        self._closing = False
 
     def record(self, result: Result) -> None:
         """Daemon listener: note each clean delivery (with the identity of the file delivered)."""
@@ -84,6 +94,36 @@ class DeliveryLog:
         self.append(entry)
 
     def append(self, entry: Delivery) -> None:
+        """Queue one line; it is written within GATHER_S (at once by `flush`)."""
+        line = entry.to_line()
+        with self._gathering:
+            self._pending.append(line)
+            if self._writer is None and not self._closing:
+                self._writer = threading.Thread(
+                    target=self._write_gathered, name="watcher-delivery-log", daemon=True
+                )
+                self._writer.start()
+            if len(self._pending) == 1 or len(self._pending) >= GATHER_MAX:
+                self._gathering.notify()
+
+    def flush(self) -> None:
+        with self._gathering:
+            lines, self._pending = self._pending, []
+        if lines:
+            self._write(b"".join(lines))
+
+    def _write_gathered(self) -> None:
+        while True:
+            with self._gathering:
+                while not self._pending and not self._closing:
+                    self._gathering.wait()
+                if self._closing and not self._pending:
+                    return
+                if len(self._pending) < GATHER_MAX and not self._closing:
+                    self._gathering.wait(GATHER_S)
+            self.flush()
+
+    def _write(self, data: bytes) -> None:
         with self._locked():
             # Kept open across appends; reopened when a prune (ours or another process's)
             # replaced the file, which it only does under the same lock.
@@ -98,9 +138,15 @@ class DeliveryLog:
                 self._log_fd = os.open(self.path, flags, 0o600)
                 opened = os.fstat(self._log_fd)
                 self._log_identity = (opened.st_dev, opened.st_ino)
-            os.write(self._log_fd, entry.to_line())
+            os.write(self._log_fd, data)
 
     def close(self) -> None:
+        with self._gathering:
+            self._closing = True
+            self._gathering.notify()
+        if self._writer is not None:
+            self._writer.join()
+        self.flush()
         with self._mutex:
             self._close_log()
             if self._lock_fd >= 0:
@@ -115,12 +161,14 @@ class DeliveryLog:
 
     def entries(self, since: datetime) -> list[Delivery]:
         """Deliveries at or after `since`, oldest first."""
+        self.flush()
         with self._locked():
             return [e for e in self._read() if e.at >= since]
 
     def prune(self, now: datetime, window_s: float) -> int:
         """Drop entries older than the window; returns how many went."""
         cutoff = now - timedelta(seconds=window_s)
+        self.flush()
         with self._locked():
             entries = list(self._read())
             keep = [e for e in entries if e.at >= cutoff]

@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from watcher.endpoints import parse_hosts, shown
 from watcher.errors import ConfigError
 from watcher.heartbeat import HEARTBEAT_FILE, Heartbeat
 from watcher.logs import emit
@@ -42,7 +43,7 @@ class Operations:
             recorder.listeners.append(self.verdicts.recorded)
         self.metrics = Metrics(settings, daemon, job_runs, store)
         clamd = os.path.abspath(s.clamav_socket) if s.clamav_socket else None
-        clamd = clamd or f"{s.clamav_host}:{s.clamav_port}"
+        clamd = clamd or ",".join(shown(e) for e in parse_hosts(s.clamav_host, s.clamav_port))
         self.heartbeat = Heartbeat(
             s.state_dir / HEARTBEAT_FILE,
             s.heartbeat_interval_s,

@@ -1,7 +1,8 @@
 """Liveness (/healthz) and readiness (/readyz), from the daemon's state.
 
 - liveness: the daemon's loops (observer, settle, sweep, workers, committer) are running.
-- readiness: clamd answers PING and answered its canaries right (watcher/canaries.py),
+- readiness: clamd answers PING and answered its canaries right (watcher/canaries.py; with a
+  pool of endpoints, at least one does, and the body lists each endpoint's state),
   definitions are not stale, the uploads, processed and quarantine directories are writable,
   and no destination refuses deliveries. A failed PING also tells the daemon clamd is down, so
   workers pause and `clamd.down` is logged even while no file arrives.
@@ -35,11 +36,16 @@ def readiness(daemon: DaemonState, s: Settings) -> tuple[bool, dict[str, Any]]:
         "delivery": delivery_problem(daemon.failing_destinations()),
     }
     failing = [name for name, problem in checks.items() if problem is not None]
-    body = {
+    body: dict[str, Any] = {
         "ready": not failing,
         "failing": failing,
         "checks": {name: problem or "ok" for name, problem in checks.items()},
     }
+    endpoints = daemon.clamd_endpoints()
+    if endpoints:  # a pool: ready while one endpoint is; each one's state, for people
+        body["clamd_endpoints"] = {
+            e.endpoint: e.state + (f": {e.problem}" if e.problem else "") for e in endpoints
+        }
     return not failing, body
 
 

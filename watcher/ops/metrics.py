@@ -11,18 +11,19 @@ from __future__ import annotations
 import os
 import stat
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from loguru import logger
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from watcher.claims import claimed_files
+from watcher.endpoints import STATES, EndpointStatus
 from watcher.events import alerted
+from watcher.logs import observe_events
 from watcher.ops.state import DaemonState, JobRuns
 from watcher.pipeline import Result
 from watcher.settings import Settings
@@ -69,15 +70,16 @@ class Metrics:
         for event, level in alerted():  # at 0 from the start: see watcher/events.py
             self.events.labels(event, level)
         self.registry.register(_DaemonCollector(settings, daemon, job_runs, store))
-        self._sink_id: int | None = None
+        self._event_counters: dict[tuple[str, str], Any] = {}
+        self._stop_observing: Callable[[], None] | None = None
 
     def start(self) -> None:
-        self._sink_id = logger.add(self._count_event, level="INFO", format="{message}")
+        self._stop_observing = observe_events(self._count_event)
 
     def stop(self) -> None:
-        if self._sink_id is not None:
-            logger.remove(self._sink_id)
-            self._sink_id = None
+        if self._stop_observing is not None:
+            self._stop_observing()
+            self._stop_observing = None
 
     def observe(self, result: Result) -> None:
         """Daemon listener: one final result."""
@@ -93,11 +95,11 @@ class Metrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    def _count_event(self, message: Any) -> None:
-        record = message.record
-        name = record["extra"].get("event")
-        if isinstance(name, str):
-            self.events.labels(name, record["level"].name).inc()
+    def _count_event(self, event: str, level: str) -> None:
+        counter = self._event_counters.get((event, level))
+        if counter is None:  # the label lookup, once per event name
+            counter = self._event_counters[event, level] = self.events.labels(event, level)
+        counter.inc()
 
 
 class _DaemonCollector(Collector):
@@ -140,6 +142,7 @@ class _DaemonCollector(Collector):
         yield _gauge(
             "watcher_clamd_trusted", "1 if clamd answered its canaries right.", 1 if trusted else 0
         )
+        yield from clamd_endpoint_metrics(d.clamd_endpoints())
         yield self._definitions_age(now)
         yield _gauge(
             "watcher_definitions_stale",
@@ -210,6 +213,44 @@ class _DaemonCollector(Collector):
                 failure.add_metric([name], run.last_failure.timestamp())
         yield success
         yield failure
+
+
+def clamd_endpoint_metrics(endpoints: list[EndpointStatus]) -> Iterator[Metric]:
+    """Per endpoint of a clamd pool (label `endpoint`, ``host:port``); absent without one."""
+    state = GaugeMetricFamily(
+        "watcher_clamd_endpoint_state",
+        "1 for each clamd endpoint's current state: ready (gets files), unchecked, down, "
+        "untrusted (answered a canary wrongly).",
+        labels=["endpoint", "state"],
+    )
+    in_flight = GaugeMetricFamily(
+        "watcher_clamd_endpoint_in_flight",
+        "Scans in flight on each clamd endpoint.",
+        labels=["endpoint"],
+    )
+    capacity = GaugeMetricFamily(
+        "watcher_clamd_endpoint_max_threads",
+        "Each clamd endpoint's MaxThreads: the scans sent to it at once.",
+        labels=["endpoint"],
+    )
+    scans = CounterMetricFamily(
+        "watcher_clamd_endpoint_scans",
+        "Scans each clamd endpoint answered.",
+        labels=["endpoint"],
+    )
+    failures = CounterMetricFamily(
+        "watcher_clamd_endpoint_failures",
+        "Connections each clamd endpoint refused, and scans it lost.",
+        labels=["endpoint"],
+    )
+    for e in endpoints:
+        for name in STATES:
+            state.add_metric([e.endpoint, name], 1 if e.state == name else 0)
+        in_flight.add_metric([e.endpoint], e.in_flight)
+        capacity.add_metric([e.endpoint], e.capacity)
+        scans.add_metric([e.endpoint], e.scans)
+        failures.add_metric([e.endpoint], e.failures)
+    yield from (state, in_flight, capacity, scans, failures)
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Protocol
 
 from watcher.definitions import DefinitionsState
+from watcher.endpoints import EndpointStatus
 from watcher.pipeline import Result
 
 
@@ -29,6 +30,9 @@ class DaemonState(Protocol):
 
     def clamd_distrust(self) -> str | None:
         """Why clamd's answers are not trusted (a canary it answered wrongly), or None."""
+
+    def clamd_endpoints(self) -> list[EndpointStatus]:
+        """A pool's clamd endpoints (CLAMAV_HOST over TCP) and their state; none otherwise."""
 
     def failing_destinations(self) -> dict[str, str]: ...
     def uploads(self) -> Iterator[tuple[Path, os.stat_result]]:

@@ -2,9 +2,9 @@
 
 What an operator must hear about (`NOTIFIED`: infected and late-detected files, unscannable
 files, stale definitions, failed updates, clamd down or untrusted) is taken from the log
-events as they are emitted, gathered, and sent as one message: the first event waits up to
-WATCHER_NOTIFY_BATCH_S (10 s at most) for others, and no two messages go out closer than
-WATCHER_NOTIFY_BATCH_S. A burst of 1,000 infected files is one message with the count and the
+events as they are emitted (logs.watch_events), gathered, and sent as one message: the first
+event waits up to WATCHER_NOTIFY_BATCH_S (10 s at most) for others, and no two messages go out
+closer than WATCHER_NOTIFY_BATCH_S. A burst of 1,000 infected files is one message with the count and the
 first few names, never 1,000 messages; memory holds counts and `EXAMPLES` lines per kind.
 
 Sending happens on this module's own thread: a slow or failing notification service never
@@ -17,12 +17,10 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from loguru import logger
-
-from watcher.logs import emit
+from watcher.logs import emit, watch_events
 
 GATHER_MAX_S = 10.0
 EXAMPLES = 10
@@ -52,32 +50,28 @@ class Notifier:
         self._first_at: float | None = None
         self._last_sent = 0.0
         self._stop = False
-        self._sink_id: int | None = None
+        self._unwatch: Callable[[], None] | None = None
         self._thread: threading.Thread | None = None
         self.sent = 0  # messages sent (for tests and metrics)
 
     def start(self) -> None:
-        self._sink_id = logger.add(self._observe, level="DEBUG", format="{message}")
+        self._unwatch = watch_events(NOTIFIED, self._observe)
         self._thread = threading.Thread(target=self._run, name="watcher-notify", daemon=True)
         self._thread.start()
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Send what is gathered (within the timeout), then stop."""
-        if self._sink_id is not None:
-            logger.remove(self._sink_id)
-            self._sink_id = None
+        if self._unwatch is not None:
+            self._unwatch()
+            self._unwatch = None
         with self._lock:
             self._stop = True
             self._lock.notify()
         if self._thread is not None:
             self._thread.join(timeout=timeout_s)
 
-    def _observe(self, message: Any) -> None:
-        """Loguru sink: runs on the emitting thread, so it only counts."""
-        extra = message.record["extra"]
-        name = extra.get("event")
-        if name not in NOTIFIED:
-            return
+    def _observe(self, name: str, extra: dict[str, Any]) -> None:
+        """Runs on the emitting thread (logs.watch_events), so it only counts."""
         with self._lock:
             self._counts[name] += 1
             examples = self._examples.setdefault(name, [])

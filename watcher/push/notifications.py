@@ -4,8 +4,9 @@ What an operator must hear about (`NOTIFIED`: infected and late-detected files, 
 files, stale definitions, failed updates, clamd down or untrusted) is taken from the log
 events as they are emitted (logs.watch_events), gathered, and sent as one message: the first
 event waits up to WATCHER_NOTIFY_BATCH_S (10 s at most) for others, and no two messages go out
-closer than WATCHER_NOTIFY_BATCH_S. A burst of 1,000 infected files is one message with the count and the
-first few names, never 1,000 messages; memory holds counts and `EXAMPLES` lines per kind.
+closer than WATCHER_NOTIFY_BATCH_S. A burst of 1,000 infected files is one message with the
+count and the first few names, never 1,000 messages; memory holds counts and `EXAMPLES` lines
+per kind.
 
 Sending happens on this module's own thread: a slow or failing notification service never
 delays scanning. A message Apprise could not send is logged (`notify.failed`) and dropped:

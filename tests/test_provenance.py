@@ -23,10 +23,11 @@ def test_a_delivered_file_carries_its_sha256_verdict_definitions_and_scan_time(
     start_daemon: Start, dirs: dict[str, Path], events: Events
 ) -> None:
     service = start_daemon()
-    upload = dirs["uploads"] / "doc.txt"
+    upload = dirs["uploads"].parent / "doc.txt"
     upload.write_bytes(b"plain text")
     os.setxattr(upload, "user.watcher.verdict", b"clean, trust me")  # an uploader's lie
     os.setxattr(upload, "user.watcher.note", b"planted")
+    upload.rename(dirs["uploads"] / "doc.txt")
     events.wait_for("file.clean", path="doc.txt")
     attrs = provenance.read(dirs["processed"] / "doc.txt")
     assert set(attrs) == {"sha256", "verdict", "definitions", "scanned_at"}

@@ -198,3 +198,27 @@ def test_names_that_are_not_utf8_are_stored_and_found(tmp_path: Path) -> None:
     found = store.by_path(name)
     assert found is not None and found.path == name
     store.close()
+
+
+def test_records_the_store_refused_are_written_once_it_takes_them_again(
+    start_daemon: Start, dirs: dict[str, Path], events: Events
+) -> None:
+    """Locked past its busy timeout: `store.write_failed`, the claim waits (the file is
+    delivered); unlocked: the record is written and the claim settled, without a restart."""
+    daemon = start_daemon()
+    blocker = sqlite3.connect(dirs["state"] / STORE_FILE, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        (dirs["uploads"] / "waits.txt").write_bytes(b"waits for its record")
+        (failed,) = events.wait_for("store.write_failed", timeout_s=30)
+        assert failed["count"] == 1 and "locked" in failed["reason"]
+        assert (dirs["processed"] / "waits.txt").exists() and staged(dirs["uploads"])
+        blocker.execute("ROLLBACK")
+        wait_until(lambda: not staged(dirs["uploads"]), 30, "the claim to be settled")
+        store = daemon.daemon.recorder.store
+        assert store is not None
+        found = store.by_path("waits.txt")
+        assert found is not None and found.verdict == "clean"
+        assert found.location == "processed/waits.txt"
+    finally:
+        blocker.close()

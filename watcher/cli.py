@@ -82,7 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"watcher {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("run", help="run the daemon (configuration from the environment)")
+    run = commands.add_parser("run", help="run the daemon (configuration from the environment)")
+    run.add_argument("--partition", help=argparse.SUPPRESS)  # I/N: a scan process (processes.py)
     scan = commands.add_parser(
         "scan", help="scan files or directories once; exit 0 clean, 1 infected, 2 errors"
     )
@@ -116,6 +117,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:
+    if args.partition:
+        from watcher.daemon import Partition
+        from watcher.processes import run_scan_process
+
+        index, _, count = args.partition.partition("/")
+        return run_scan_process(settings, Partition(int(index), int(count)))
     from watcher.service import Service
 
     return Service(settings).run()

@@ -15,8 +15,10 @@ import os
 import signal
 import threading
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from watcher.allowlist import Allowlist
@@ -126,6 +128,25 @@ class ClamdHealth:
             return
 
 
+@dataclass(frozen=True)
+class Partition:
+    """Which uploads this daemon takes when `count` scan processes share the work: those
+    whose relative path hashes to `index` (a stable hash: every process agrees, across
+    restarts). One process takes everything.
+
+    >>> [Partition(i, 3).owns("2026/report.pdf") for i in range(3)].count(True)
+    1
+    """
+
+    index: int
+    count: int
+
+    def owns(self, rel: str) -> bool:
+        if self.count == 1:
+            return True
+        return zlib.crc32(os.fsencode(rel)) % self.count == self.index
+
+
 class DestinationHealth:
     """Deliveries each destination refused in a row; from `FAILING_AFTER` on it is failing.
 
@@ -162,8 +183,14 @@ class DestinationHealth:
 
 
 class Daemon:
-    def __init__(self, settings: Settings, scanner: Scanner | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        scanner: Scanner | None = None,
+        partition: Partition = Partition(0, 1),
+    ) -> None:
         self.settings = settings
+        self.partition = partition
         self.scanner: Scanner = scanner or scanner_from_settings(settings)
         self.stop_event = threading.Event()
         self.staging = Staging(settings.staging_root)
@@ -221,6 +248,7 @@ class Daemon:
             poll_interval_s=settings.poll_interval_s,
             skip_dirs=(settings.staging_root,),
             max_depth=settings.max_depth,
+            owns=partition.owns,
             after_full_sweep=self._adopt_orphans,
         )
         self.definitions = DefinitionsState()
@@ -247,7 +275,8 @@ class Daemon:
         self.recorder.open()  # before any claim can be settled
         self.deliverer.start()
         self.staging.open()
-        workers = s.workers or self._clamd_threads()
+        # clamd's threads are shared by every scan process: each gets its share of them.
+        workers = -(-(s.workers or self._clamd_threads()) // self.partition.count)
         if not s.scanning_enabled:
             emit("watcher.scanning_disabled")
         self._report_definitions()
@@ -429,6 +458,10 @@ class Daemon:
             self.destinations.delivered(destination)
         with self._count_lock:
             self.counts[result.outcome.value] += 1
+        self.publish(result)
+
+    def publish(self, result: Result) -> None:
+        """Hand a final result to every listener (also for results of other scan processes)."""
         for listener in self._listeners:
             try:
                 listener(result)

@@ -435,6 +435,13 @@ CATALOG: dict[str, Event] = {
     ),
     "watcher.stopped": Event("INFO", "stopped", "in_flight / unfinished", "shutdown"),
     "watcher.stopping": Event("INFO", "stopping", "in_flight / unfinished", "shutdown"),
+    "process.exited": Event(
+        "ERROR",
+        "a scan process exited: started again",
+        "index, exit_code",
+        "a scan process (WATCHER_PROCESSES > 1) exited unexpectedly; it is started again with backoff (1 s ... 30 s), and its claims are finished by whoever adopts them",
+        alerted=True,
+    ),
     "webhook.dead": Event(
         "ERROR",
         "a webhook event was given up: dead letter",

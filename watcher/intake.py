@@ -59,6 +59,7 @@ class Intake:
         skip_dirs: tuple[Path, ...] = (),
         skip_identity: Callable[[], tuple[int, int] | None] = lambda: None,
         max_depth: int = 64,
+        owns: Callable[[str], bool] = lambda rel: True,
         after_full_sweep: Callable[[], None] | None = None,
     ) -> None:
         self.uploads_dir = uploads_dir
@@ -74,6 +75,7 @@ class Intake:
         self._skip = {str(p) for p in skip_dirs}
         self._skip_identity = skip_identity  # our staging directory, wherever it was renamed
         self.max_depth = max_depth
+        self._owns = owns  # this process's share of uploads (see daemon.Partition)
         self._pending: dict[str, tuple[int, int, float]] = {}
         self._cond = threading.Condition()
         self._sweep_requests: set[Path] = set()
@@ -162,7 +164,7 @@ class Intake:
 
     def hint(self, path: Path, complete: bool) -> None:
         """A file may be ready. ``complete``: the event itself says its writer is done."""
-        if self.ignored(path):
+        if self.ignored(path) or not self._owns(relative_to(path, self.uploads_dir) or ""):
             return
         if not complete and str(path) in self._pending:
             self._watch(path)  # already waiting to settle: just note its size
@@ -292,6 +294,8 @@ class Intake:
         for path, st in self.walk(root):
             if self._overflowed.is_set():
                 break  # the queue is full: the rest waits for the next sweep
+            if not self._owns(relative_to(path, self.uploads_dir) or ""):
+                continue  # another scan process's
             found += 1
             if str(path) in self._pending:
                 continue

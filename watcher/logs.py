@@ -120,6 +120,13 @@ def watch_events(
     return stop
 
 
+def notify_observers(name: str, level: str, count: int = 1) -> None:
+    """Events logged elsewhere (another scan process): counted as if logged here."""
+    for observer in _observers:
+        for _ in range(count):
+            observer(name, level)
+
+
 def emit(name: str, /, *, exception: BaseException | bool | None = None, **fields: Any) -> None:
     """Log the event `name` with its fields; watcher/events.py gives its level and message.
 

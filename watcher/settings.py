@@ -108,6 +108,7 @@ class Settings(BaseSettings):
     log_level: Literal["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     workers: int = Field(0, ge=0, le=256)  # 0: as many as clamd has threads
+    processes: int = Field(0, ge=0, le=64)  # scan processes; 0: one per four cores
     queue_size: int = Field(4096, ge=16, le=1_000_000)
     observer: Literal["inotify", "polling"] = "inotify"
     poll_interval_s: Seconds = 2.0

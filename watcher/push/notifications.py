@@ -1,12 +1,13 @@
 """Operator notifications through Apprise (Slack, Teams, e-mail, ntfy, ... one URL each).
 
 What an operator must hear about (`NOTIFIED`: infected and late-detected files, unscannable
-files, stale definitions, failed updates, clamd down or untrusted) is taken from the log
-events as they are emitted (logs.watch_events), gathered, and sent as one message: the first
-event waits up to WATCHER_NOTIFY_BATCH_S (10 s at most) for others, and no two messages go out
-closer than WATCHER_NOTIFY_BATCH_S. A burst of 1,000 infected files is one message with the
-count and the first few names, never 1,000 messages; memory holds counts and `EXAMPLES` lines
-per kind.
+files, stale definitions, failed updates, clamd down or untrusted) is taken from the daemon's
+results (every scan process's) and from the first process's log events as they are emitted
+(logs.watch_events: the jobs run there, and it watches clamd too), gathered, and sent as one
+message: the first event waits up to WATCHER_NOTIFY_BATCH_S (10 s at most) for others, and no
+two messages go out closer than WATCHER_NOTIFY_BATCH_S. A burst of 1,000 infected files is one
+message with the count and the first few names, never 1,000 messages; memory holds counts and
+`EXAMPLES` lines per kind.
 
 Sending happens on this module's own thread: a slow or failing notification service never
 delays scanning. A message Apprise could not send is logged (`notify.failed`) and dropped:
@@ -22,8 +23,16 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from watcher.logs import emit, watch_events
+from watcher.pipeline import Result
+from watcher.verdict import Outcome
 
 GATHER_MAX_S = 10.0
+# Told by the daemon's results (which carry the scan processes' too), not by the log.
+FROM_RESULTS = {
+    Outcome.INFECTED: "file.infected",
+    Outcome.UNSCANNABLE: "file.unscannable",
+    Outcome.HELD: "file.unscannable",
+}
 EXAMPLES = 10
 # event -> (what one line says, is it a failure rather than a warning)
 NOTIFIED: dict[str, tuple[str, bool]] = {
@@ -56,7 +65,7 @@ class Notifier:
         self.sent = 0  # messages sent (for tests and metrics)
 
     def start(self) -> None:
-        self._unwatch = watch_events(NOTIFIED, self._observe)
+        self._unwatch = watch_events(set(NOTIFIED) - set(FROM_RESULTS.values()), self._observe)
         self._thread = threading.Thread(target=self._run, name="watcher-notify", daemon=True)
         self._thread.start()
 
@@ -70,6 +79,13 @@ class Notifier:
             self._lock.notify()
         if self._thread is not None:
             self._thread.join(timeout=timeout_s)
+
+    def observe_result(self, result: Result) -> None:
+        """Daemon listener: infected and unscannable files, from every scan process."""
+        name = FROM_RESULTS.get(result.outcome)
+        if name is not None and not result.fields.get("repeat"):
+            fields = {"path": result.rel, "signature": result.signature, "reason": result.reason}
+            self._observe(name, fields)
 
     def _observe(self, name: str, extra: dict[str, Any]) -> None:
         """Runs on the emitting thread (logs.watch_events), so it only counts."""

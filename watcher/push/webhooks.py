@@ -38,7 +38,7 @@ from watcher.store import OutboxEvent, VerdictRecord, VerdictStore, target_id
 
 BATCH = 50
 BASE_BACKOFF_S = 1.0
-IDLE_WAIT_S = 5.0  # an event from another process sharing the store is seen this late at most
+IDLE_WAIT_S = 1.0  # an event another process (a scan process) wrote is seen this late at most
 SIGNATURE_VERSION = "v1"
 DEFAULT_TOLERANCE_S = 300
 

@@ -4,11 +4,13 @@ content, are updated by a late detection, and are bounded by age and count."""
 from __future__ import annotations
 
 import hashlib
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from http_support import get
@@ -16,6 +18,8 @@ from receiver import Receiver
 from sigserver import SignatureServer, freshclam_command
 from support import EICAR, Clamd, DaemonProcess, Events, files_under, staged, wait_until
 
+from watcher.claims import Claim
+from watcher.recording import Recorder
 from watcher.service import Service
 from watcher.settings import Settings
 from watcher.store import STORE_FILE, VerdictRecord
@@ -83,7 +87,7 @@ def test_a_file_delivered_just_before_a_sigkill_has_its_verdict_after_the_restar
         daemon.events.wait_for("file.recovered", path="late night.txt")
         wait_until(lambda: not staged(dirs["uploads"]), 10, "the claim to be settled")
         (row,) = blocker.execute("SELECT verdict, location FROM verdicts").fetchall()
-        assert row == ("clean", "processed/late night.txt")
+        assert row == ("clean", b"processed/late night.txt")  # paths are stored as bytes
         assert files_under(dirs["processed"]) == {"late night.txt": b"delivered, not yet recorded"}
     finally:
         blocker.close()
@@ -194,9 +198,71 @@ def test_names_that_are_not_utf8_are_stored_and_found(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / STORE_FILE)
     store.open()
     name = b"caf\xe9 \xff.txt".decode("utf-8", "surrogateescape")
-    store.record([VerdictRecord(id="x", path=name, verdict="clean", decided_at=1.0)])
+    record = VerdictRecord(
+        id="x",
+        path=name,
+        verdict="unscannable",
+        decided_at=1.0,
+        location=f"processed/{name}",
+        reason=f"cannot read {name}",
+    )
+    store.record([record])
     found = store.by_path(name)
-    assert found is not None and found.path == name
+    assert found is not None and found.path == name and found.location == f"processed/{name}"
+    assert found.reason == "cannot read caf\\udce9 \\udcff.txt"  # escaped, not refused
+    store.close()
+
+
+def test_an_upload_whose_name_is_not_utf8_has_its_verdict_stored_and_pushed(
+    start_daemon: Start, dirs: dict[str, Path], events: Events
+) -> None:
+    """The soak's names found it: such a record refused by the store held back every claim."""
+    receiver = Receiver().start()
+    try:
+        daemon = start_daemon(webhook_url=receiver.url, webhook_secret="s")
+        raw = b"r\xe9sum\xe9 \xff.txt"
+        (dirs["uploads"] / "plain.txt").write_bytes(b"plain")
+        with open(os.path.join(os.fsencode(dirs["uploads"]), raw), "wb") as f:
+            f.write(b"latin-1 name")
+        name = os.fsdecode(raw)
+        events.wait_for("file.clean", path=name)
+        wait_until(lambda: not staged(dirs["uploads"]), 10, "both claims to be settled")
+        assert not events.named("store.write_failed")
+        body = get(daemon, "/v1/files/r%E9sum%E9%20%FF.txt").json()
+        assert body["state"] == "clean" and body["size"] == 12  # from the store
+        assert os.fsencode(body["location"]) == b"processed/" + raw
+        pushed = {os.fsencode(p.json()["file"]["path"]) for p in receiver.wait_for(2)}
+        assert pushed == {b"plain.txt", raw}
+    finally:
+        receiver.stop()
+
+
+def test_a_record_the_store_can_never_take_does_not_hold_back_the_others(
+    tmp_path: Path, events: Events
+) -> None:
+    """The one seam faked: a store refusing one record for good (a bug's stand-in)."""
+
+    class Refusing(SqliteStore):
+        def record(self, records: Any, events: Any = ()) -> None:
+            if any(r.path == "poison" for r in records):
+                raise ValueError("cannot be stored")
+            super().record(records, events)
+
+    store = Refusing(tmp_path / STORE_FILE)
+    store.open()
+    recorder = Recorder(store, str(tmp_path / "processed"), str(tmp_path / "quarantine"))
+    claims = []
+    for rel in ("a.txt", "poison", "b.txt"):
+        claim = Claim(f"id-{rel}", rel, tmp_path / rel, 1.0, dest=str(tmp_path / "processed" / rel))
+        claim.verdict = VerdictRecord(
+            id=claim.id, path=rel, verdict="clean", decided_at=2.0
+        ).to_json()
+        claims.append(claim)
+    recorder.settle(claims)  # does not raise: the committer drops all three claims
+    assert store.by_path("a.txt") is not None and store.by_path("b.txt") is not None
+    assert store.by_path("poison") is None
+    (failed,) = events.named("store.write_failed")
+    assert failed["path"] == "poison" and failed["reason"] == "cannot be stored"
     store.close()
 
 

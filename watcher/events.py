@@ -382,8 +382,8 @@ CATALOG: dict[str, Event] = {
     "store.write_failed": Event(
         "ERROR",
         "the verdict store refused a write: the files' claims wait",
-        "count, reason",
-        "records could not be written to the verdict store; the delivered files keep their claims (retried each second, or settled at the next start)",
+        "count, reason, path (when one record could never be written)",
+        "records could not be written to the verdict store; the delivered files keep their claims (retried each second, or settled at the next start). With `path`: that one record cannot be stored at all (a bug: report it); its file is delivered without it",
     ),
     "staging.adopted": Event(
         "INFO",

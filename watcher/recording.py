@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from watcher.claims import Claim, new_id
+from watcher.errors import StoreUnavailable
 from watcher.logs import emit
 from watcher.settings import Settings
 from watcher.store import STORE_FILE, VerdictRecord, VerdictStore, iso, location_of, target_id
@@ -93,8 +94,28 @@ class Recorder:
 
         Raises when the store cannot take them (the committer keeps the claims and retries).
         """
-        records = [self._record_of(c) for c in claims if c.verdict is not None]
-        self._commit(records, [("v-" + r.id, "file.verdict", r) for r in records])
+        records = []
+        for claim in claims:
+            try:
+                if claim.verdict is not None:
+                    records.append(self._record_of(claim))
+            except (TypeError, ValueError) as err:  # a journal line we cannot read back
+                emit("store.write_failed", count=1, reason=str(err), path=claim.rel)
+        try:
+            self._commit(records, [("v-" + r.id, "file.verdict", r) for r in records])
+        except StoreUnavailable:
+            raise
+        except Exception:  # one record the store cannot take must not hold back the others
+            for record in records:
+                self._commit_alone(record)
+
+    def _commit_alone(self, record: VerdictRecord) -> None:
+        try:
+            self._commit([record], [("v-" + record.id, "file.verdict", record)])
+        except StoreUnavailable:
+            raise
+        except Exception as err:  # never storable: its claim settles without it (logged)
+            emit("store.write_failed", count=1, reason=str(err), path=record.path)
 
     def record_result(self, result: Result) -> None:
         """Daemon listener: outcomes that deliver nothing (rejected, held) are recorded here."""

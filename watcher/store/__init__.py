@@ -92,7 +92,8 @@ class OutboxEvent:
 
 
 class VerdictStore(Protocol):
-    """Thread-safe. Writes are transactions: all of a call's rows, or none."""
+    """Thread-safe. Writes are transactions: all of a call's rows, or none; a write that may
+    succeed later raises errors.StoreUnavailable (anything else will fail again)."""
 
     def open(self) -> None: ...
     def close(self) -> None: ...

@@ -21,9 +21,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from watcher.errors import StoreUnavailable
 from watcher.store import OutboxEvent, VerdictRecord
 
 BUSY_TIMEOUT_MS = 10_000
+_WRONG_DATA = (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.ProgrammingError)
 _COLUMNS = (
     "id, path, verdict, decided_at, sha256, size, signature, reason, cause, definitions, "
     "claimed_at, location, late_at"
@@ -41,7 +43,7 @@ CREATE TABLE IF NOT EXISTS verdicts (
     cause TEXT,
     definitions TEXT,
     claimed_at REAL,
-    location TEXT,
+    location BLOB,
     late_at REAL
 );
 CREATE INDEX IF NOT EXISTS verdicts_by_path ON verdicts (path, decided_at);
@@ -124,15 +126,21 @@ class SqliteStore:
         with self._write_lock:
             conn = self._writer
             if conn is None:
-                raise sqlite3.ProgrammingError("the verdict store is closed")
-            conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-            conn.execute("BEGIN IMMEDIATE")
+                raise StoreUnavailable("the verdict store is closed")
             try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+                conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+            except sqlite3.DatabaseError as err:
+                if isinstance(err, _WRONG_DATA):
+                    raise
+                # Locked, full, an I/O error, a damaged file: worth another try (or a restore).
+                raise StoreUnavailable(f"verdict store: {err}") from err
 
     def _reader(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -186,7 +194,7 @@ class SqliteStore:
             row = conn.execute(
                 f"SELECT {_COLUMNS} FROM verdicts WHERE path = ? AND location = ? "  # noqa: S608
                 "AND (sha256 = ? OR ? IS NULL) ORDER BY decided_at DESC LIMIT 1",
-                (os.fsencode(path), location, sha256, sha256),
+                (os.fsencode(path), os.fsencode(location), sha256, sha256),
             ).fetchone()
             if row is None:
                 merged = update
@@ -299,16 +307,28 @@ class SqliteStore:
 
 
 def _row(r: VerdictRecord) -> tuple[Any, ...]:
+    """Paths (and locations, which hold them) as bytes; other text escaped where it holds
+    something UTF-8 cannot (a name's undecodable bytes, quoted in a reason)."""
+    location = None if r.location is None else os.fsencode(r.location)
     return (
-        r.id, os.fsencode(r.path), r.verdict, r.decided_at, r.sha256, r.size, r.signature,
-        r.reason, r.cause, r.definitions, r.claimed_at, r.location, r.late_at,
+        _text(r.id), os.fsencode(r.path), _text(r.verdict), r.decided_at, _text(r.sha256),
+        r.size, _text(r.signature), _text(r.reason), _text(r.cause), _text(r.definitions),
+        r.claimed_at, location, r.late_at,
     )  # fmt: skip
 
 
 def _record(row: tuple[Any, ...]) -> VerdictRecord:
     values = list(row)
     values[1] = os.fsdecode(bytes(values[1]))
+    if values[11] is not None:
+        values[11] = os.fsdecode(bytes(values[11]))
     return VerdictRecord(*values)
+
+
+def _text(value: str | None) -> str | None:
+    if value is None or value.isascii():
+        return value
+    return value.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _now() -> float:

@@ -165,3 +165,33 @@ def test_signatures_cover_the_timestamp_and_the_body() -> None:
     assert not verify(b"k", headers, body + b" ", now)
     assert not verify(b"k", {**headers, "Watcher-Timestamp": str(now + 1)}, body, now)
     assert not verify(b"k", headers, body, now + 301)  # a replay after the window
+
+
+def test_with_scan_processes_every_process_verdict_is_pushed_and_notified(
+    subprocess_env: dict[str, str], dirs: dict[str, Path]
+) -> None:
+    """WATCHER_PROCESSES=3: the scan processes write their events to the shared outbox; the
+    first process sends them all, and notifies of infected files whichever process found them."""
+    hooks, notify = Receiver().start(), Receiver().start()
+    env = {
+        **subprocess_env,
+        "WATCHER_PROCESSES": "3",
+        "WATCHER_WEBHOOK_URL": hooks.url,
+        "WATCHER_WEBHOOK_SECRET": SECRET,
+        "WATCHER_NOTIFY_URLS": f"json://127.0.0.1:{notify.port}/notify",
+        "WATCHER_NOTIFY_BATCH_S": "5",
+    }
+    daemon = DaemonProcess(env).start()
+    try:
+        names = [f"f{n:02}.txt" for n in range(12)] + [f"bad{n}.com" for n in range(6)]
+        for name in names:
+            body = EICAR + name.encode() if name.startswith("bad") else name.encode()
+            (dirs["uploads"] / name).write_bytes(body)
+        posts = hooks.wait_for(len(names), timeout_s=30)
+        assert sorted(checked(p)["file"]["path"] for p in posts) == sorted(names)  # type: ignore[index]
+        (message,) = notify.wait_for(1, timeout_s=30)
+        assert message.json()["title"] == "watcher: 6 infected"
+    finally:
+        daemon.kill()
+        hooks.stop()
+        notify.stop()

@@ -49,8 +49,9 @@ $(BIN)/.installed: pyproject.toml
 run: install
 	scripts/run-local.sh
 
+# --require-clamd: a missing clamd fails the run; it never skips the tests that need one.
 test: install test-deps
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --require-clamd
 
 # Throughput, latency, memory and idle CPU against clamd's own limit (several minutes).
 bench: install
@@ -63,15 +64,15 @@ bench-http: install
 	$(BIN)/python bench/http_bench.py $(HTTP_BENCH_ARGS)
 
 # Fault injection under load, then proof that nothing was lost (root; about 6 minutes; not part
-# of `make test`). docs/soak.md. E.g. make soak SOAK_ARGS="--seed 42 --minutes 10".
+# of `make test`). docs/soak.md; bench/soak/. E.g. make soak SOAK_ARGS="--seed 42 --minutes 10".
 .PHONY: soak
 soak: install
-	$(BIN)/python bench/soak.py $(SOAK_ARGS)
+	cd bench && $(abspath $(BIN))/python -m soak $(SOAK_ARGS)
 
 lint: install
 	$(BIN)/ruff check watcher tests bench
 	$(BIN)/ruff format --check watcher tests bench
-	$(BIN)/mypy --strict watcher
+	$(BIN)/mypy --strict watcher tests bench
 
 # Generated documentation: docs/events.md's table from the event catalog (watcher/events.py).
 # tests/test_docs.py fails when it is out of date.

@@ -17,10 +17,8 @@ import platform
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -29,10 +27,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-TESTSIGS = ROOT / "watcher" / "testsigs"
-RESULTS = ROOT / "bench" / "results"
-
+from benchlib import RESULTS, Watcher, bench_clamd, move_all, small_files
+from harness.clamd import Clamd
+from harness.files import count_files
+from harness.proc import cpu_seconds, rss_mb, tree_cpu_seconds
 
 # -- corpus ---------------------------------------------------------------------------------
 
@@ -76,57 +74,7 @@ def make_corpus(directory: Path, count: int, seed: int = 1) -> int:
     return total
 
 
-# -- clamd ----------------------------------------------------------------------------------
-
-
-class Clamd:
-    def __init__(self, root: Path, threads: int = 4, max_queue: int = 200) -> None:
-        self.root = root
-        self.socket = root / "clamd.sock"
-        self.conf = root / "clamd.conf"
-        (root / "db").mkdir(parents=True)
-        (root / "tmp").mkdir()
-        for sig in TESTSIGS.iterdir():
-            shutil.copy(sig, root / "db" / sig.name)
-        self.conf.write_text(
-            f"LocalSocket {self.socket}\nDatabaseDirectory {root / 'db'}\nForeground yes\n"
-            f"TemporaryDirectory {root / 'tmp'}\nMaxThreads {threads}\nMaxQueue {max_queue}\n"
-            # AlertEncrypted: with WATCHER_ARCHIVE_INSPECTION=false (the A/B's "off" arm) clamd
-            # must flag the encrypted canary itself, or the daemon holds every file.
-            "DisableCache yes\nAlertExceedsMax yes\nAlertEncrypted yes\nSelfCheck 3600\n"
-            f"LogFile {root / 'clamd.log'}\n"
-        )
-        self.proc = subprocess.Popen(
-            ["clamd", "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        deadline = time.monotonic() + 60
-        while not self.socket.exists():
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise RuntimeError("clamd did not start")
-            time.sleep(0.05)
-
-    def version(self) -> str:
-        out = subprocess.run(
-            ["clamdscan", f"--config-file={self.conf}", "--version"],
-            capture_output=True, text=True, check=False,
-        )  # fmt: skip
-        return out.stdout.strip()
-
-    def signature_count(self) -> int:
-        return sum(
-            len(p.read_text().splitlines()) for p in (self.root / "db").iterdir() if p.is_file()
-        )
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
-
-
 # -- helpers --------------------------------------------------------------------------------
-
-
-def count_files(directory: Path) -> int:
-    return sum(1 for _ in os.scandir(directory)) if directory.exists() else 0
 
 
 def wait_count(directory: Path, expected: int, timeout_s: float) -> float:
@@ -138,86 +86,6 @@ def wait_count(directory: Path, expected: int, timeout_s: float) -> float:
             raise RuntimeError(f"only {count_files(directory)}/{expected} in {directory}")
         time.sleep(0.02)
     return time.monotonic()
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def move_all(source: Path, target: Path) -> float:
-    """Rename every file of source into target (same filesystem); returns the start time."""
-    names = sorted(os.listdir(source))
-    started = time.monotonic()
-    for name in names:
-        os.rename(source / name, target / name)
-    return started
-
-
-DELIVERED_EVENTS = {"file.clean", "file.infected", "file.unscannable"}
-
-
-class Watcher:
-    """`watcher run` as a subprocess, its JSON log kept for latency figures."""
-
-    def __init__(self, base: Path, clamd: Clamd, state: str = "state", **env: str) -> None:
-        self.uploads, self.processed, self.quarantine = (
-            base / "uploads", base / "processed", base / "quarantine"
-        )  # fmt: skip
-        self.uploads.mkdir(parents=True, exist_ok=True)
-        self.log: list[dict[str, Any]] = []
-        self.delivered = 0
-        self._delivered_cond = threading.Condition()
-        environ = {
-            **os.environ,
-            "WATCHER_UPLOADS_DIR": str(self.uploads),
-            "WATCHER_PROCESSED_DIR": str(self.processed),
-            "WATCHER_QUARANTINE_DIR": str(self.quarantine),
-            "WATCHER_STATE_DIR": str(base / state),
-            "CLAMAV_SOCKET": str(clamd.socket),
-            "WATCHER_LOG_LEVEL": "INFO",
-            "WATCHER_HTTP_ADDR": "127.0.0.1:0",  # replicas, and other runs on this machine
-            **env,
-        }
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "watcher", "run"], env=environ, stdout=subprocess.PIPE
-        )
-        self._ready = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
-        if not self._ready.wait(60):
-            raise RuntimeError("watcher did not become ready")
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            record = json.loads(line)
-            if record["event"] == "watcher.ready":
-                self._ready.set()
-            if record["event"].startswith("file."):
-                self.log.append(record)
-            if record["event"] in DELIVERED_EVENTS:
-                with self._delivered_cond:
-                    self.delivered += 1
-                    self._delivered_cond.notify_all()
-
-    def wait_delivered(self, expected: int, timeout_s: float) -> float:
-        """Until `expected` files are settled, told by the daemon's own log: polling processed
-        (tens of thousands of entries) would take CPU from the daemon being measured."""
-        with self._delivered_cond:
-            if not self._delivered_cond.wait_for(lambda: self.delivered >= expected, timeout_s):
-                raise RuntimeError(f"only {self.delivered}/{expected} delivered")
-        return time.monotonic()
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=60)
 
 
 # -- the measurements -----------------------------------------------------------------------
@@ -262,16 +130,60 @@ def watcher_drain(
 ) -> tuple[float, dict[str, float], Watcher]:
     """Seconds to drain the corpus, and the daemon's and clamd's CPU per file meanwhile."""
     daemon = Watcher(base, clamd)
-    cpu_before = cpu_seconds(daemon.proc.pid), cpu_seconds(clamd.proc.pid)
+    cpu_before = cpu_seconds(daemon.pid), cpu_seconds(clamd.pid)
     started = move_all(corpus, daemon.uploads)
     finished = daemon.wait_delivered(files, 600)
     cpu = {
-        "daemon_cpu_ms_per_file": 1000 * (cpu_seconds(daemon.proc.pid) - cpu_before[0]) / files,
-        "clamd_cpu_ms_per_file": 1000 * (cpu_seconds(clamd.proc.pid) - cpu_before[1]) / files,
+        "daemon_cpu_ms_per_file": 1000 * (cpu_seconds(daemon.pid) - cpu_before[0]) / files,
+        "clamd_cpu_ms_per_file": 1000 * (cpu_seconds(clamd.pid) - cpu_before[1]) / files,
     }
     if count_files(daemon.processed) != files:
         raise RuntimeError(f"{count_files(daemon.processed)}/{files} files in processed")
     return finished - started, cpu, daemon
+
+
+CLAMD_THREADS = (1, 2, 4)
+
+
+def cores(corpus: Path, base: Path, files: int) -> dict[str, dict[str, Any]]:
+    """One `watcher run` against clamd at 1, 2 and 4 threads (clamd's own limit measured at
+    each), then with WATCHER_PROCESSES=2 at 4 threads: does the daemon keep up as clamd gets
+    more threads, and what does a file cost it (CPU of every process, from /proc)?"""
+    results: dict[str, dict[str, Any]] = {}
+    runs = [(threads, 1) for threads in CLAMD_THREADS] + [(CLAMD_THREADS[-1], 2)]
+    for threads, processes in runs:
+        key = f"{threads} threads, {processes} process{'es' if processes > 1 else ''}"
+        clamd = Clamd(
+            base / f"clamd-{threads}-{processes}", max_threads=threads, alert_encrypted=True,
+            disable_cache=True, max_queue=200,
+        ).start()  # fmt: skip
+        try:
+            engine_s = min(engine_limit(clamd, corpus) for _ in range(2))
+            daemon = Watcher(
+                base / f"run-{threads}-{processes}", clamd, WATCHER_PROCESSES=str(processes)
+            )
+            try:
+                daemon.events.wait_for("watcher.ready", count=processes, timeout_s=30)
+                before = tree_cpu_seconds(daemon.pid), cpu_seconds(clamd.pid)
+                started = move_all(corpus, daemon.uploads)
+                finished = daemon.wait_delivered(files, 600)
+                daemon_s = tree_cpu_seconds(daemon.pid) - before[0]
+                clamd_s = cpu_seconds(clamd.pid) - before[1]
+            finally:
+                daemon.stop()
+        finally:
+            clamd.stop()
+        results[key] = {
+            "engine_files_per_s": files / engine_s,
+            "watcher_files_per_s": files / (finished - started),
+            "watcher_vs_engine": engine_s / (finished - started),
+            "daemon_cpu_ms_per_file": 1000 * daemon_s / files,
+            "clamd_cpu_ms_per_file": 1000 * clamd_s / files,
+        }
+        shutil.rmtree(corpus)
+        make_corpus(corpus, files)
+        print(f"cores {key}: {results[key]}", flush=True)
+    return results
 
 
 REPLICAS = (1, 2, 4)
@@ -280,7 +192,7 @@ REPLICAS = (1, 2, 4)
 def replicas(corpus: Path, base: Path, files: int) -> dict[str, dict[str, Any]]:
     """1, 2 and 4 daemons on one uploads directory and one clamd (MaxThreads 4, MaxQueue 16),
     each count draining the corpus: rate, CPU per file (all daemons), another client's PINGs."""
-    clamd = Clamd(base / "clamd", max_queue=16)
+    clamd = bench_clamd(base / "clamd", max_queue=16)
     results = {}
     try:
         for count in REPLICAS:
@@ -305,8 +217,8 @@ def replicas_drain(
 ) -> dict[str, Any]:
     pings: list[float] = []
     stop = threading.Event()
-    pinger = threading.Thread(target=ping_until, args=(clamd.socket, stop, pings))
-    cpu_before = sum(cpu_seconds(d.proc.pid) for d in daemons)
+    pinger = threading.Thread(target=ping_until, args=(clamd, stop, pings))
+    cpu_before = sum(cpu_seconds(d.pid) for d in daemons)
     pinger.start()
     started = move_all(corpus, daemons[0].uploads)
     deadline = started + limit_s
@@ -316,7 +228,7 @@ def replicas_drain(
     stop.set()
     pinger.join()
     delivered = sum(d.delivered for d in daemons)
-    cpu_s = sum(cpu_seconds(d.proc.pid) for d in daemons) - cpu_before
+    cpu_s = sum(cpu_seconds(d.pid) for d in daemons) - cpu_before
     return {
         "files_per_s": delivered / (finished - started),
         "complete": delivered >= files and count_files(daemons[0].processed) == files,
@@ -327,18 +239,14 @@ def replicas_drain(
 
 
 def ping_until(
-    path: Path, stop: threading.Event, pings: list[float], timeout_s: float = 10
+    clamd: Clamd, stop: threading.Event, pings: list[float], timeout_s: float = 10
 ) -> None:
     """Another client of clamd (the app, a health check): a PING every 0.1 s, in ms (a PING
     not answered counts as the timeout)."""
     while not stop.wait(0.1):
         started = time.monotonic()
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-                sock.settimeout(timeout_s)
-                sock.connect(str(path))
-                sock.sendall(b"zPING\0")
-                answered = sock.recv(16) == b"PONG\0"
+            answered = clamd.command(b"PING", timeout_s) == b"PONG"
         except OSError:
             answered = False
         pings.append(1000 * (time.monotonic() - started if answered else timeout_s))
@@ -358,30 +266,24 @@ def latency(daemon: Watcher, rate: int, seconds: int) -> dict[str, float]:
         next_at += interval
         time.sleep(max(0.0, next_at - time.monotonic()))
     deadline = time.monotonic() + 60
-    while sum(1 for r in daemon.log[first:] if r["path"] in closed_at) < len(closed_at):
+    while sum(1 for r in daemon.log[first:] if r.get("path") in closed_at) < len(closed_at):
         if time.monotonic() > deadline:
             raise RuntimeError("latency files not all delivered")
         time.sleep(0.05)
     delays = sorted(
         (datetime.fromisoformat(r["time"]).timestamp() - closed_at[r["path"]]) * 1000
         for r in daemon.log[first:]
-        if r["path"] in closed_at and r["event"] == "file.clean"
+        if r.get("path") in closed_at and r["event"] == "file.clean"
     )
     q = statistics.quantiles(delays, n=100, method="inclusive")
     return {"p50_ms": q[49], "p95_ms": q[94], "p99_ms": q[98], "max_ms": delays[-1]}
-
-
-def small_files(directory: Path, count: int, start: int) -> None:
-    directory.mkdir(exist_ok=True)
-    for n in range(start, start + count):
-        (directory / f"s{n:06}.txt").write_bytes(b"small file %d\n" % n)
 
 
 def burst(daemon: Watcher, base: Path, count: int) -> dict[str, float]:
     staging = base / "burst-src"
     small_files(staging, count, 100_000)
     before, files_before = daemon.delivered, count_files(daemon.processed)
-    rss_before = rss_mb(daemon.proc.pid)
+    rss_before = rss_mb(daemon.pid)
     started = move_all(staging, daemon.uploads)
     finished = daemon.wait_delivered(before + count, 1200)
     if count_files(daemon.processed) != files_before + count:
@@ -391,29 +293,29 @@ def burst(daemon: Watcher, base: Path, count: int) -> dict[str, float]:
         "seconds": finished - started,
         "files_per_s": count / (finished - started),
         "rss_before_mb": rss_before,
-        "rss_after_mb": rss_mb(daemon.proc.pid),
+        "rss_after_mb": rss_mb(daemon.pid),
     }
 
 
 def idle_cpu(daemon: Watcher, seconds: float) -> float:
-    before = cpu_seconds(daemon.proc.pid)
+    before = cpu_seconds(daemon.pid)
     time.sleep(seconds)
-    return 100 * (cpu_seconds(daemon.proc.pid) - before) / seconds
+    return 100 * (cpu_seconds(daemon.pid) - before) / seconds
 
 
 def big_file(daemon: Watcher, size: int) -> dict[str, Any]:
     path = daemon.uploads.parent / "big.bin"
     with open(path, "wb") as f:
         f.truncate(size)  # sparse: the bytes are read, the disk is not filled
-    rss_before = rss_mb(daemon.proc.pid)
+    rss_before = rss_mb(daemon.pid)
     peak = rss_before
     first = len(daemon.log)
     os.rename(path, daemon.uploads / "big.bin")
     deadline = time.monotonic() + 600
     outcome = None
     while outcome is None and time.monotonic() < deadline:
-        peak = max(peak, rss_mb(daemon.proc.pid))
-        outcome = next((r for r in daemon.log[first:] if r["path"] == "big.bin"), None)
+        peak = max(peak, rss_mb(daemon.pid))
+        outcome = next((r for r in daemon.log[first:] if r.get("path") == "big.bin"), None)
         time.sleep(0.05)
     return {
         "event": outcome and outcome["event"],
@@ -439,10 +341,10 @@ def alternate(
     for n in range(rounds):
         for arm in arms if n % 2 == 0 else arms[::-1]:
             daemon = Watcher(base / f"ab-{setting}-{n}-{arm}", clamd, **{setting: arm})
-            before = cpu_seconds(daemon.proc.pid)
+            before = cpu_seconds(daemon.pid)
             started = move_all(corpus, daemon.uploads)
             finished = daemon.wait_delivered(files, 600)
-            cpu[arm].append((cpu_seconds(daemon.proc.pid) - before) / files * 1000)
+            cpu[arm].append((cpu_seconds(daemon.pid) - before) / files * 1000)
             wall[arm].append(finished - started)
             if count_files(daemon.processed) != files:  # a clean corpus: nothing refused
                 raise RuntimeError(f"{setting}={arm}: {count_files(daemon.processed)}/{files}")
@@ -517,7 +419,7 @@ def main() -> int:
     args = parser.parse_args()
 
     base = Path(tempfile.mkdtemp(prefix="watcher-bench-", dir="/var/tmp"))
-    clamd = Clamd(base / "clamd")
+    clamd = bench_clamd(base / "clamd")
     results: dict[str, Any] = {
         "machine": {
             "cores": os.cpu_count(),
@@ -574,7 +476,7 @@ def main() -> int:
             small_files(base / "small", 1000, 0)
             move_all(base / "small", daemon.uploads)
             daemon.wait_delivered(args.files + args.rate * args.seconds + 1000, 300)
-            rss_1k = rss_mb(daemon.proc.pid)
+            rss_1k = rss_mb(daemon.pid)
             results["burst"] = burst(daemon, base, args.burst)
             results["memory"] = {
                 "rss_after_1000_mb": rss_1k,
@@ -588,6 +490,7 @@ def main() -> int:
             daemon.stop()
         make_corpus(corpus, args.files)  # the same files again (the drain moved them away)
         results["replicas"] = replicas(corpus, base / "replicas", args.files)
+        results["cores"] = cores(corpus, base / "cores", args.files)
     finally:
         clamd.stop()
         shutil.rmtree(base, ignore_errors=True)
@@ -644,6 +547,16 @@ def print_table(r: dict[str, Any]) -> None:
         rows.append(("2 GB file", f"{big['event']}; {peak}", "flat"))
     if "replicas" in r:
         rows.extend(replica_rows(r["replicas"]))
+    for key, c in r.get("cores", {}).items():
+        rows.append(
+            (
+                f"clamd {key}: engine / watcher; ÷; daemon / clamd CPU per file",
+                f"{c['engine_files_per_s']:.0f} / {c['watcher_files_per_s']:.0f} files/s; "
+                f"{c['watcher_vs_engine']:.2f}; {c['daemon_cpu_ms_per_file']:.2f} / "
+                f"{c['clamd_cpu_ms_per_file']:.2f} ms",
+                "≥ 0.8 (2 cores, test signatures)",
+            )
+        )
     machine, corpus = r["machine"], r["corpus"]
     print(
         f"\nmachine: {machine['cores']} cores, {machine['clamd']}, {machine['signatures']} "

@@ -25,7 +25,6 @@ import shutil
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -34,18 +33,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from bench import RESULTS, ROOT, Clamd, Watcher, cpu_seconds, move_all, small_files
-
-sys.path.insert(0, str(ROOT / "tests"))
-from http_support import Slowloris
+from benchlib import RESULTS, ROOT, Watcher, bench_clamd, move_all, small_files
+from harness.clamd import Clamd
+from harness.http_client import Slowloris
+from harness.net import free_port
+from harness.proc import cpu_seconds
 
 Addr = tuple[str, int]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def requests_per_s(addr: Addr, path: str, seconds: float, keep_alive: bool) -> float:
@@ -147,10 +141,10 @@ def deliver(daemon: Watcher, base: Path, files: int, start: int) -> tuple[float,
     """Files/s for `files` small files, and the daemon's CPU seconds per 1,000 files."""
     staging = base / f"src-{start}"
     small_files(staging, files, start)
-    before, cpu_before = daemon.delivered, cpu_seconds(daemon.proc.pid)
+    before, cpu_before = daemon.delivered, cpu_seconds(daemon.pid)
     started = move_all(staging, daemon.uploads)
     finished = daemon.wait_delivered(before + files, 600)
-    cpu = cpu_seconds(daemon.proc.pid) - cpu_before
+    cpu = cpu_seconds(daemon.pid) - cpu_before
     return files / (finished - started), 1000 * cpu / files
 
 
@@ -199,7 +193,7 @@ def one_run(source: Path, clamd: Clamd, base: Path, args: argparse.Namespace) ->
                     result["healthz_ms_under_slowloris"] = healthz_ms(addr, 10)
                 if name == "waiters":
                     result["waiter_answers"] = dict(attacker.answers)
-        result["threads_at_end"] = len(os.listdir(f"/proc/{daemon.proc.pid}/task"))
+        result["threads_at_end"] = len(os.listdir(f"/proc/{daemon.pid}/task"))
     finally:
         daemon.stop()
     return result
@@ -231,7 +225,7 @@ def main() -> int:
     base = Path(tempfile.mkdtemp(prefix="watcher-http-bench-", dir="/var/tmp"))
     sources = {args.compare: export(args.compare, base / "old"), "this checkout": ROOT}
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in sources}
-    clamd = Clamd(base / "clamd")
+    clamd = bench_clamd(base / "clamd")
     try:
         for r in range(args.rounds):
             for name, source in sources.items():

@@ -13,15 +13,18 @@ import subprocess
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pyzipper
-from support import EICAR
+
+from harness import EICAR
 
 PASSWORD = "correct horse"
 INFECTED = (("eicar.com", EICAR + b"\n" * 64),)
 CLEAN = (("readme.txt", b"quarterly figures, nothing to see\n" * 64),)
 Members = tuple[tuple[str, bytes], ...]
+Form = Callable[[Members], bytes]  # members in, the archive's bytes out
 
 
 def python_zip(members: Members, zip64: bool = False) -> bytes:
@@ -88,7 +91,7 @@ def nest(levels: int, members: Members) -> bytes:
 
 
 # Each form clamd 1.4.6 answers OK for, built from given members.
-BLIND_FORMS = {
+BLIND_FORMS: dict[str, Form] = {
     "infozip-zip64": lambda m: infozip(m, "-fz"),
     "python-zip64": lambda m: python_zip(m, zip64=True),
     "infozip-zip64-nested": lambda m: inside("inner.zip", infozip(m, "-fz")),
@@ -98,13 +101,13 @@ BLIND_FORMS = {
     "two-zips-infected-first": lambda m: python_zip(m) + python_zip(CLEAN),
     "two-zips-infected-last": lambda m: python_zip(CLEAN) + python_zip(m),
 }
-ENCRYPTED_FORMS = {
+ENCRYPTED_FORMS: dict[str, Form] = {
     "zip-zipcrypto": lambda m: infozip(m, "-P", PASSWORD),
     "zip-aes": aes_zip,
     "7z": lambda m: sevenzip(m, f"-p{PASSWORD}"),
     "7z-encrypted-header": lambda m: sevenzip(m, f"-p{PASSWORD}", "-mhe=on"),
 }
-PLAIN_FORMS = {  # the encrypted forms' plain twins: clamd reads these itself
+PLAIN_FORMS: dict[str, Form] = {  # the encrypted forms' plain twins: clamd reads these itself
     "zip-zipcrypto": lambda m: infozip(m),
     "zip-aes": python_zip,
     "7z": sevenzip,

@@ -1,39 +1,84 @@
-"""Fixtures: one real clamd for the session, fresh directories and an in-process daemon per test."""
+"""Fixtures: real clamds, fresh directories and an in-process daemon per test.
+
+Only the tests that ask for a clamd (`clamd_server`, `make_clamd`, or a fixture built on them:
+`own_clamd`, `make_settings`, `start_daemon`, `subprocess_env`) need one: they are marked
+`clamd` here, so `pytest -m "not clamd"` runs the rest on a machine without it, where a clamd
+test is skipped saying why. `make test` passes `--require-clamd`: there a missing clamd fails
+the run, so no clamd test can be skipped by accident.
+"""
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from loguru import logger
-from support import Clamd, Events, loguru_events
 
+from harness.clamd import Clamd, clamd_binary
+from harness.daemon import daemon_env
+from harness.events import Events, loguru_events
+from harness.mirror import SignatureServer
+from watcher.clamav import scanner_from_settings
+from watcher.definitions import DefinitionsState
+from watcher.jobs import Jobs
 from watcher.service import Service
 from watcher.settings import Settings
 
-if shutil.which("clamd") is None:
-    pytest.exit("clamd is not installed: run the suite with `make test`", returncode=3)
+# Every clamd a test gets comes from one of these two.
+CLAMD_FIXTURES = frozenset({"clamd_server", "make_clamd"})
+NO_CLAMD = "clamd is not installed (`make install`); deselect these tests with -m 'not clamd'"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--require-clamd",
+        action="store_true",
+        help="a missing clamd fails the run instead of skipping the tests that need it",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("--require-clamd") and clamd_binary() is None:
+        raise pytest.UsageError("--require-clamd, but clamd is not installed: run `make install`")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    missing = clamd_binary() is None
+    for item in items:
+        if CLAMD_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.clamd)
+        if missing and item.get_closest_marker("clamd") is not None:
+            item.add_marker(pytest.mark.skip(reason=NO_CLAMD))
 
 
 @pytest.fixture(scope="session")
 def clamd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clamd]:
-    """The shared clamd. Tests that stop or freeze clamd use `own_clamd` instead."""
-    server = Clamd(tmp_path_factory.mktemp("clamd"))
-    server.start()
+    """The shared clamd. Tests that stop, freeze or reconfigure clamd use `make_clamd`."""
+    server = Clamd(tmp_path_factory.mktemp("clamd")).start()
     yield server
     server.stop()
 
 
 @pytest.fixture
-def own_clamd(tmp_path: Path) -> Iterator[Clamd]:
-    server = Clamd(tmp_path / "clamd")
-    server.start()
-    yield server
-    server.stop()
+def make_clamd(tmp_path: Path) -> Iterator[Callable[..., Clamd]]:
+    """A clamd of the test's own, started (Clamd's options); stopped at the end of the test."""
+    started: list[Clamd] = []
+
+    def make(name: str = "clamd", **options: Any) -> Clamd:
+        server = Clamd(tmp_path / name, **options)
+        started.append(server)
+        return server.start()
+
+    yield make
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def own_clamd(make_clamd: Callable[..., Clamd]) -> Clamd:
+    return make_clamd()
 
 
 @pytest.fixture
@@ -50,26 +95,39 @@ def events() -> Iterator[Events]:
     logger.remove(sink_id)
 
 
-@pytest.fixture
-def make_settings(dirs: dict[str, Path], clamd_server: Clamd) -> Callable[..., Settings]:
+def _settings(dirs: dict[str, Path], socket: Path, definitions: Path) -> Callable[..., Settings]:
     def make(**overrides: Any) -> Settings:
         values: dict[str, Any] = {
             "uploads_dir": dirs["uploads"],
             "processed_dir": dirs["processed"],
             "quarantine_dir": dirs["quarantine"],
             "state_dir": dirs["state"],
-            "clamav_socket": clamd_server.socket,
+            "clamav_socket": socket,
             "settle_s": 0.3,
             "sweep_interval_s": 30,
             "shutdown_grace_s": 10,
             "update_command": "",  # never freshclam against the real mirrors from a test
-            "definitions_dir": clamd_server.db,
+            "definitions_dir": definitions,
             "http_addr": "127.0.0.1:0",  # never a fixed port: test runs share the machine
         }
         values.update(overrides)
         return Settings(**values)
 
     return make
+
+
+@pytest.fixture
+def make_settings(dirs: dict[str, Path], clamd_server: Clamd) -> Callable[..., Settings]:
+    """Settings for the test's directories and the shared clamd; keywords override."""
+    return _settings(dirs, clamd_server.socket, clamd_server.db)
+
+
+@pytest.fixture
+def make_offline_settings(dirs: dict[str, Path], tmp_path: Path) -> Callable[..., Settings]:
+    """As `make_settings`, for a test that fakes the scanner: no clamd listens on the socket,
+    and the definitions directory is empty."""
+    (tmp_path / "definitions").mkdir()
+    return _settings(dirs, tmp_path / "no-clamd.sock", tmp_path / "definitions")
 
 
 @pytest.fixture
@@ -93,17 +151,37 @@ def start_daemon(
 
 @pytest.fixture
 def subprocess_env(dirs: dict[str, Path], clamd_server: Clamd) -> dict[str, str]:
-    return {
-        "WATCHER_UPLOADS_DIR": str(dirs["uploads"]),
-        "WATCHER_PROCESSED_DIR": str(dirs["processed"]),
-        "WATCHER_QUARANTINE_DIR": str(dirs["quarantine"]),
-        "WATCHER_STATE_DIR": str(dirs["state"]),
-        "CLAMAV_SOCKET": str(clamd_server.socket),
-        "WATCHER_SETTLE_S": "0.3",
-        "WATCHER_UPDATE_COMMAND": "",
-        "WATCHER_DEFINITIONS_DIR": str(clamd_server.db),
-        "WATCHER_HTTP_ADDR": "127.0.0.1:0",
-        "PYTHONPATH": os.pathsep.join(
-            [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")]
-        ),
-    }
+    """The environment for `watcher` as a subprocess (DaemonProcess, run_cli) on the test's
+    directories and the shared clamd."""
+    return daemon_env(
+        dirs,
+        clamd_server,
+        WATCHER_SETTLE_S="0.3",
+        WATCHER_UPDATE_COMMAND="",
+        WATCHER_DEFINITIONS_DIR=str(clamd_server.db),
+        WATCHER_HTTP_ADDR="127.0.0.1:0",
+    )
+
+
+@pytest.fixture
+def mirror(tmp_path: Path) -> Iterator[SignatureServer]:
+    """A signature mirror on 127.0.0.1 for freshclam (harness.mirror)."""
+    server = SignatureServer(tmp_path / "mirror").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def jobs_for(events: Events) -> Iterator[Callable[[Settings], Jobs]]:
+    """Jobs on their own (no intake), scheduler started; shut down at the end of the test."""
+    started: list[Jobs] = []
+
+    def make(settings: Settings) -> Jobs:
+        jobs = Jobs(settings, scanner_from_settings(settings), DefinitionsState())
+        jobs.start()
+        started.append(jobs)
+        return jobs
+
+    yield make
+    for jobs in started:
+        jobs.shutdown(10)

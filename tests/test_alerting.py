@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 import yaml
-from http_support import get
 from prometheus_client.parser import text_string_to_metric_families
 
+from harness import ROOT
+from harness.http_client import get
 from watcher.events import CATALOG, alerted
 from watcher.service import Service
 
-ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS_RULES = ROOT / "docs" / "alerting" / "prometheus-rules.yml"
 LOKI_RULES = ROOT / "docs" / "alerting" / "loki-rules.yml"
 LOGQL_CHECK = ROOT / "tests" / "logql" / "check.mjs"
@@ -120,7 +120,7 @@ def test_prometheus_alert_fires_on_its_series_and_only_then(
 
 def test_every_metric_the_rules_name_is_exported_by_metrics(start_daemon: Start) -> None:
     body = get(start_daemon(), "/metrics").body.decode()
-    exported = set()
+    exported: set[str] = set()
     for family in text_string_to_metric_families(body):
         suffixes = {
             "counter": ("_total",),

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from archive_cases import (
     BLIND_FORMS,
     CLEAN,
@@ -23,11 +24,12 @@ from archive_cases import (
     nest,
     python_zip,
 )
-from http_support import get
-from support import Clamd, Events, files_under, quarantined, run_cli
-
+from harness.clamd import Clamd
+from harness.daemon import run_cli
+from harness.events import Events
+from harness.files import files_under, quarantined
+from harness.http_client import get
 from watcher.service import Service
-from watcher.verdict import Clean, Infected, NotScanned, parse_reply
 
 Start = Callable[..., Service]
 
@@ -167,27 +169,6 @@ def test_the_cause_shows_in_the_verdict_api_and_the_metrics(
     metrics = get(daemon, "/metrics").body.decode()
     assert re.search(r'^watcher_unscannable_total\{cause="encrypted"\} 1\.0$', metrics, re.M)
     assert re.search(r'^watcher_unscannable_total\{cause="limits"\} 0\.0$', metrics, re.M)
-
-
-@pytest.mark.parametrize(
-    ("reply", "verdict"),
-    [
-        ("stream: Heuristics.Encrypted.Zip FOUND", NotScanned),
-        ("fd[9]: Heuristics.Encrypted.7Zip FOUND", NotScanned),
-        ("stream: Heuristics.Limits.Exceeded.MaxRecursion FOUND", NotScanned),
-        ("stream: Win.Test.EICAR_HDB-1 FOUND", Infected),
-        ("stream: Heuristics.Phishing.Email.SpoofedDomain FOUND", Infected),
-        ("stream: OK", Clean),
-    ],
-)
-def test_clamds_heuristic_answers_are_reasons_and_signatures_are_infections(
-    reply: str, verdict: type
-) -> None:
-    parsed = parse_reply(reply)
-    assert type(parsed) is verdict
-    if isinstance(parsed, NotScanned):
-        assert not parsed.transient
-        assert parsed.cause == ("encrypted" if "Encrypted" in reply else "limits")
 
 
 def test_watcher_scan_looks_into_archives_too(tmp_path: Path, clamd_server: Clamd) -> None:

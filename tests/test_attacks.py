@@ -18,10 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from http_support import get
-from support import EICAR, Clamd, DaemonProcess, files_under, quarantined, run_cli, wait_until
 
-ROOT = Path(__file__).resolve().parent.parent
+from harness import EICAR, ROOT
+from harness.clamd import Clamd
+from harness.daemon import DaemonProcess, daemon_env
+from harness.events import wait_until
+from harness.files import files_under, quarantined
+from harness.http_client import get
+
 ATTACKER = (Path(__file__).parent / "attacker.py").read_text()
 NOBODY = 65534
 UNPRIVILEGED = ("setpriv", "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all", "--")
@@ -49,21 +53,18 @@ def arena(clamd_server: Clamd) -> Iterator[dict[str, Path]]:
 
 
 def start(arena: dict[str, Path], clamd: Clamd, user: str, **settings: str) -> DaemonProcess:
-    env = {
-        "WATCHER_UPLOADS_DIR": str(arena["uploads"]),
-        "WATCHER_PROCESSED_DIR": str(arena["processed"]),
-        "WATCHER_QUARANTINE_DIR": str(arena["quarantine"]),
-        "WATCHER_STATE_DIR": str(arena["state"]),
-        "CLAMAV_SOCKET": str(clamd.socket),
-        "WATCHER_SETTLE_S": "0.5",
-        "WATCHER_SWEEP_INTERVAL_S": "2",
-        "WATCHER_LOG_LEVEL": "DEBUG",  # intake.swept: the tests wait for sweeps
-        "WATCHER_UPDATE_COMMAND": "",
-        "WATCHER_DEFINITIONS_DIR": str(clamd.db),
-        "WATCHER_HTTP_ADDR": "127.0.0.1:0",
-        "PYTHONPATH": str(ROOT),
+    env = daemon_env(
+        arena,
+        clamd,
+        WATCHER_SETTLE_S="0.5",
+        WATCHER_SWEEP_INTERVAL_S="2",
+        WATCHER_LOG_LEVEL="DEBUG",  # intake.swept: the tests wait for sweeps
+        WATCHER_UPDATE_COMMAND="",
+        WATCHER_DEFINITIONS_DIR=str(clamd.db),
+        WATCHER_HTTP_ADDR="127.0.0.1:0",
+        PYTHONPATH=str(ROOT),
         **settings,
-    }
+    )
     return DaemonProcess(env, prefix=AS[user]).start()
 
 
@@ -309,56 +310,6 @@ def test_a_path_longer_than_path_max_is_delivered(
     finally:
         os.close(fd)
         assert daemon.terminate() == 0
-
-
-@pytest.mark.parametrize(
-    ("inside", "settings"),
-    [
-        ("processed inside uploads", ("WATCHER_PROCESSED_DIR", "WATCHER_UPLOADS_DIR")),
-        ("state inside quarantine", ("WATCHER_STATE_DIR", "WATCHER_QUARANTINE_DIR")),
-        (
-            "quarantine through a symlink into uploads",
-            ("WATCHER_QUARANTINE_DIR", "WATCHER_UPLOADS_DIR"),
-        ),
-    ],
-)
-def test_overlapping_directories_refuse_to_start(
-    arena: dict[str, Path], tmp_path: Path, inside: str, settings: tuple[str, str]
-) -> None:
-    """Issue 11.5: EICAR was quarantined again and again, paths grew processed/processed/..."""
-    env = {
-        "WATCHER_UPLOADS_DIR": str(arena["uploads"]),
-        "WATCHER_PROCESSED_DIR": str(arena["processed"]),
-        "WATCHER_QUARANTINE_DIR": str(arena["quarantine"]),
-        "WATCHER_STATE_DIR": str(arena["state"]),
-        "WATCHER_HTTP_ADDR": "off",
-        "VIRUS_SCANNING_ENABLED": "false",
-    }
-    if inside == "processed inside uploads":
-        env["WATCHER_PROCESSED_DIR"] = str(arena["uploads"] / "processed")
-    elif inside == "state inside quarantine":
-        env["WATCHER_STATE_DIR"] = str(arena["quarantine"] / "state")
-    else:
-        (tmp_path / "q").symlink_to(arena["uploads"] / "q")
-        env["WATCHER_QUARANTINE_DIR"] = str(tmp_path / "q")
-    result = run_cli("run", env=env, inherit_settings=False, timeout_s=30)
-    assert result.returncode == 2
-    (line,) = result.stderr.strip().splitlines()
-    assert all(name in line for name in settings), line
-    assert not (arena["uploads"] / ".watcher").exists()  # nothing made, nothing moved
-
-
-def test_absurd_durations_and_sizes_are_refused_at_start(arena: dict[str, Path]) -> None:
-    """Issue 11.6: WATCHER_SWEEP_INTERVAL_S=99999999999 killed the sweep thread later."""
-    for name, value in [
-        ("WATCHER_SWEEP_INTERVAL_S", "99999999999"),
-        ("WATCHER_MAX_FILE_BYTES", "99999999T"),
-        ("WATCHER_SHUTDOWN_GRACE_S", "400d"),
-    ]:
-        env = {"WATCHER_UPLOADS_DIR": str(arena["uploads"]), name: value}
-        result = run_cli("run", env=env, inherit_settings=False, timeout_s=30)
-        assert result.returncode == 2, name
-        assert name in result.stderr
 
 
 def test_a_huge_sparse_file_is_refused_without_reading_it(

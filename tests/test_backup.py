@@ -11,8 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from support import EICAR, ROOT, Events, run_cli
-
+from harness import EICAR, ROOT
+from harness.daemon import run_cli
+from harness.events import Events
 from watcher.service import Service
 
 Start = Callable[..., Service]

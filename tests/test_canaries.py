@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from archive_cases import INFECTED, nest
-from http_support import get, watcher_cli
-from support import Clamd, Events, files_under, wait_until
 
+from archive_cases import INFECTED, nest
+from harness.clamd import Clamd
+from harness.daemon import run_cli
+from harness.events import Events, wait_until
+from harness.files import files_under
+from harness.http_client import get
 from watcher.service import Service
 from watcher.settings import Settings
 from watcher.verdict import Clean, NotScanned
@@ -19,16 +22,13 @@ MakeSettings = Callable[..., Settings]
 
 
 @pytest.fixture
-def stock_clamd(tmp_path: Path) -> Iterator[Clamd]:
+def stock_clamd(make_clamd: Callable[..., Clamd]) -> Clamd:
     """clamd as the official image ships it: no AlertExceedsMax."""
-    server = Clamd(tmp_path / "stock-clamd", alert_exceeds_max=False)
-    server.start()
-    yield server
-    server.stop()
+    return make_clamd("stock-clamd", alert_exceeds_max=False)
 
 
 def healthcheck(dirs: dict[str, Path]) -> tuple[int, str]:
-    result = watcher_cli("healthcheck", env={"WATCHER_STATE_DIR": str(dirs["state"])})
+    result = run_cli("healthcheck", env={"WATCHER_STATE_DIR": str(dirs["state"])})
     return result.returncode, result.stdout
 
 

@@ -8,13 +8,16 @@ import json
 import time
 import urllib.request
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support import EICAR, Clamd, Events, files_under, quarantined, staged, wait_until
 
+from harness import EICAR
+from harness.clamd import Clamd
+from harness.events import Events, wait_until
+from harness.files import files_under, quarantined, staged
 from watcher.clamav import ClamdScanner
 from watcher.endpoints import parse_hosts
 from watcher.service import Service
@@ -24,23 +27,18 @@ MakeSettings = Callable[..., Settings]
 
 
 @pytest.fixture
-def clamds(tmp_path: Path) -> Iterator[Callable[..., list[Clamd]]]:
+def clamds(make_clamd: Callable[..., Clamd]) -> Callable[..., list[Clamd]]:
     """Start clamd on 127.0.0.N (N = 1, 2, ...), each with its own database and config."""
-    started: list[Clamd] = []
 
     def start(count: int, alert_exceeds_max: tuple[bool, ...] = ()) -> list[Clamd]:
+        started = []
         for n in range(count):
             alert = alert_exceeds_max[n] if n < len(alert_exceeds_max) else True
-            server = Clamd(
-                tmp_path / f"clamd-{n + 1}", tcp_host=f"127.0.0.{n + 1}", alert_exceeds_max=alert
-            )
-            server.start()
-            started.append(server)
-        return started[-count:]
+            name, host = f"clamd-{n + 1}", f"127.0.0.{n + 1}"
+            started.append(make_clamd(name, tcp_host=host, alert_exceeds_max=alert))
+        return started
 
-    yield start
-    for server in started:
-        server.stop()
+    return start
 
 
 def pool_settings(make_settings: MakeSettings, servers: list[Clamd], **overrides: Any) -> Settings:

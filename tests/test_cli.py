@@ -5,11 +5,10 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from support import EICAR, TESTFILES, Clamd, run_cli
-
+from harness import EICAR, TESTFILES
+from harness.clamd import Clamd
+from harness.daemon import run_cli
 from watcher import __version__
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def watcher(*args: str, clamd: Clamd | None = None) -> subprocess.CompletedProcess[str]:

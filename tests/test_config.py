@@ -7,12 +7,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from support import run_cli
 
+from harness import ROOT
+from harness.daemon import run_cli
 from watcher.errors import ConfigError
-from watcher.settings import load_settings, parse_duration_s, parse_size_bytes
+from watcher.settings import Settings, load_settings, parse_duration_s, parse_size_bytes
 
-ROOT = Path(__file__).resolve().parent.parent
+HOUR = 3600.0
 
 
 def run_watcher(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -123,3 +124,94 @@ def test_duration_and_size_parsing() -> None:
 def test_json_ignore_patterns(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WATCHER_IGNORE_PATTERNS", '["*.a", "b*"]')
     assert load_settings().ignore_patterns == ("*.a", "b*")
+
+
+def test_job_settings_defaults_and_durations(monkeypatch: pytest.MonkeyPatch) -> None:
+    defaults = Settings()
+    assert defaults.update_interval == 4 * HOUR and defaults.definitions_max_age == 48 * HOUR
+    assert defaults.rescan_window == 24 * HOUR and defaults.quarantine_retention == 30 * 86400
+    assert defaults.quarantine_max_bytes is None
+    assert defaults.update_argv == ["freshclam", "--config-file=/etc/clamav/freshclam.conf"]
+    monkeypatch.setenv("WATCHER_UPDATE_INTERVAL", "90m")
+    monkeypatch.setenv("WATCHER_QUARANTINE_MAX_BYTES", "100M")
+    monkeypatch.setenv("WATCHER_UPDATE_COMMAND", "freshclam --config-file='/etc/my conf'")
+    s = load_settings()
+    assert s.update_interval == 5400 and s.quarantine_max_bytes == 100 * 1024 * 1024
+    assert s.update_argv == ["freshclam", "--config-file=/etc/my conf"]
+    monkeypatch.setenv("WATCHER_UPDATE_COMMAND", "freshclam 'unbalanced")
+    with pytest.raises(ConfigError, match="WATCHER_UPDATE_COMMAND"):
+        load_settings()
+
+
+@pytest.mark.parametrize(
+    ("inside", "settings"),
+    [
+        ("processed inside uploads", ("WATCHER_PROCESSED_DIR", "WATCHER_UPLOADS_DIR")),
+        ("state inside quarantine", ("WATCHER_STATE_DIR", "WATCHER_QUARANTINE_DIR")),
+        (
+            "quarantine through a symlink into uploads",
+            ("WATCHER_QUARANTINE_DIR", "WATCHER_UPLOADS_DIR"),
+        ),
+    ],
+)
+def test_overlapping_directories_refuse_to_start(
+    dirs: dict[str, Path], tmp_path: Path, inside: str, settings: tuple[str, str]
+) -> None:
+    """Issue 11.5: EICAR was quarantined again and again, paths grew processed/processed/..."""
+    arena = _made(dirs)
+    env = {
+        "WATCHER_UPLOADS_DIR": str(arena["uploads"]),
+        "WATCHER_PROCESSED_DIR": str(arena["processed"]),
+        "WATCHER_QUARANTINE_DIR": str(arena["quarantine"]),
+        "WATCHER_STATE_DIR": str(arena["state"]),
+        "WATCHER_HTTP_ADDR": "off",
+        "VIRUS_SCANNING_ENABLED": "false",
+    }
+    if inside == "processed inside uploads":
+        env["WATCHER_PROCESSED_DIR"] = str(arena["uploads"] / "processed")
+    elif inside == "state inside quarantine":
+        env["WATCHER_STATE_DIR"] = str(arena["quarantine"] / "state")
+    else:
+        (tmp_path / "q").symlink_to(arena["uploads"] / "q")
+        env["WATCHER_QUARANTINE_DIR"] = str(tmp_path / "q")
+    result = run_cli("run", env=env, inherit_settings=False, timeout_s=30)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert all(name in line for name in settings), line
+    assert not (arena["uploads"] / ".watcher").exists()  # nothing made, nothing moved
+
+
+def test_absurd_durations_and_sizes_are_refused_at_start(dirs: dict[str, Path]) -> None:
+    """Issue 11.6: WATCHER_SWEEP_INTERVAL_S=99999999999 killed the sweep thread later."""
+    arena = _made(dirs)
+    for name, value in [
+        ("WATCHER_SWEEP_INTERVAL_S", "99999999999"),
+        ("WATCHER_MAX_FILE_BYTES", "99999999T"),
+        ("WATCHER_SHUTDOWN_GRACE_S", "400d"),
+    ]:
+        env = {"WATCHER_UPLOADS_DIR": str(arena["uploads"]), name: value}
+        result = run_cli("run", env=env, inherit_settings=False, timeout_s=30)
+        assert result.returncode == 2, name
+        assert name in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("value", "bind"),
+    [("127.0.0.1:9090", ("127.0.0.1", 9090)), ("[::1]:80", ("::1", 80)),
+     (":9090", ("0.0.0.0", 9090)), ("off", None), ("", None)],
+)  # fmt: skip
+def test_http_addr_forms(value: str, bind: tuple[str, int] | None) -> None:
+    assert Settings(http_addr=value).http_bind == bind
+
+
+def test_invalid_http_addr_exits_2_naming_the_setting() -> None:
+    env = {"WATCHER_HTTP_ADDR": "localhost", "WATCHER_CONFIG": ""}
+    result = run_cli("run", env=env, timeout_s=30)
+    assert result.returncode == 2 and "WATCHER_HTTP_ADDR" in result.stderr
+
+
+def _made(dirs: dict[str, Path]) -> dict[str, Path]:
+    """The four directories, all made (as a deployment has them)."""
+    for path in dirs.values():
+        path.mkdir(mode=0o700, exist_ok=True)
+    return dirs

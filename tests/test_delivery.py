@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 import stat
 import tarfile
@@ -12,17 +11,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from support import EICAR, TESTFILES, Events, files_under, quarantined
 
+from harness import EICAR, TESTFILES
+from harness.events import Events
+from harness.files import files_under, quarantined, write
 from watcher.service import Service
 
 Start = Callable[..., Service]
-
-
-def write(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return path
 
 
 def test_clean_file_arrives_in_processed_with_its_bytes(
@@ -273,20 +268,3 @@ def test_unscannable_hold_policy_keeps_the_file_out_of_processed(
     (record,) = events.wait_for("file.unscannable", path="big.bin", action="held")
     assert Path(record["dest"]).read_bytes() == b"\1" * 5000
     assert files_under(dirs["processed"]) == {} and quarantined(dirs["quarantine"]) == []
-
-
-def test_json_log_lines_are_flat_and_carry_names_as_data(
-    dirs: dict[str, Path], subprocess_env: dict[str, str]
-) -> None:
-    from support import DaemonProcess
-
-    daemon = DaemonProcess(subprocess_env).start()
-    write(dirs["uploads"] / "{0} {evil}.txt", b"braces")
-    record = daemon.events.wait_for("file.clean")[0]
-    assert daemon.terminate() == 0
-    assert record["path"] == "{0} {evil}.txt"
-    for line in daemon.lines:
-        parsed = json.loads(line)
-        assert {"time", "level", "event", "message"} <= parsed.keys()
-        assert not any(isinstance(v, dict) for v in parsed.values())
-    assert daemon.events.named("watcher.stopping")

@@ -24,12 +24,11 @@ from typing import Any
 
 import pytest
 from pydantic import ValidationError
-from support import EICAR
 
+from harness import EICAR, ROOT
 from watcher import events
 from watcher.settings import Settings, _env_name, load_settings, parse_duration_s, parse_size_bytes
 
-ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 PAGES = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
 FENCE = re.compile(r"^```.*?^```", re.MULTILINE | re.DOTALL)
@@ -113,7 +112,8 @@ def test_each_default_in_the_settings_table_reads_as_the_fields_default() -> Non
         if default == "—":
             shown = () if expected == () else None  # unset: None, or an empty list
         else:
-            shown = getattr(Settings(**{field: as_written(field, default)}), field)
+            written: dict[str, Any] = {field: as_written(field, default)}
+            shown = getattr(Settings(**written), field)
         if shown != expected:
             wrong.append(f"{name}: {default} reads {shown!r}, the default is {expected!r}")
     assert not wrong
@@ -149,9 +149,9 @@ def bound_problem(field: str, cell: str) -> str | None:
     if kind in (int, float):
         if not cell.startswith("≤ "):
             return "a number needs its bounds"
-        high = cell.removeprefix("≤ ")
-        above = parse_size_bytes(high) + 1 if kind is int else parse_duration_s(high) * 1.001
-        if not accepts(field, high):
+        limit = cell.removeprefix("≤ ")
+        above = parse_size_bytes(limit) + 1 if kind is int else parse_duration_s(limit) * 1.001
+        if not accepts(field, limit):
             return "refused"
         if accepts(field, above) or accepts(field, 0):
             return "the setting accepts more"

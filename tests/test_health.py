@@ -11,9 +11,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from http_support import ROOT, get, watcher_cli
-from support import Clamd, DaemonProcess, Events
 
+from harness import ROOT
+from harness.clamd import Clamd
+from harness.daemon import DaemonProcess, run_cli
+from harness.events import Events
+from harness.http_client import get
 from watcher.heartbeat import DEFAULT_STATE_DIR, state_dir
 from watcher.service import Service
 from watcher.settings import Settings
@@ -23,7 +26,7 @@ Start = Callable[..., Service]
 
 def healthcheck(dirs: dict[str, Path]) -> tuple[int, str, float]:
     started = time.monotonic()
-    result = watcher_cli("healthcheck", env={"WATCHER_STATE_DIR": str(dirs["state"])})
+    result = run_cli("healthcheck", env={"WATCHER_STATE_DIR": str(dirs["state"])})
     return result.returncode, result.stdout, time.monotonic() - started
 
 
@@ -147,20 +150,6 @@ def test_http_address_in_use_fails_the_start_with_exit_2(
     output = b"".join(daemon.lines).decode()
     assert "WATCHER_HTTP_ADDR" in output and "watcher.ready" not in output
     assert not dirs["processed"].exists()  # it failed before setting anything up
-
-
-@pytest.mark.parametrize(
-    ("value", "bind"),
-    [("127.0.0.1:9090", ("127.0.0.1", 9090)), ("[::1]:80", ("::1", 80)),
-     (":9090", ("0.0.0.0", 9090)), ("off", None), ("", None)],
-)  # fmt: skip
-def test_http_addr_forms(value: str, bind: tuple[str, int] | None) -> None:
-    assert Settings(http_addr=value).http_bind == bind
-
-
-def test_invalid_http_addr_exits_2_naming_the_setting() -> None:
-    result = watcher_cli("run", env={"WATCHER_HTTP_ADDR": "localhost", "WATCHER_CONFIG": ""})
-    assert result.returncode == 2 and "WATCHER_HTTP_ADDR" in result.stderr
 
 
 def test_healthcheck_finds_the_state_dir_in_the_config_file(

@@ -10,8 +10,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from support import EICAR, Events, files_under, quarantined
-
+from harness import EICAR
+from harness.events import Events
+from harness.files import files_under, quarantined
 from watcher.service import Service
 
 Start = Callable[..., Service]

@@ -15,19 +15,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from http_support import (
-    ROOT,
-    Slowloris,
-    address,
-    connect,
-    get,
-    process_cpu_s,
-    raw_request,
-    read_response,
-    reset,
-)
-from support import DaemonProcess, files_under, wait_until
-
+from harness import ROOT
+from harness.daemon import DaemonProcess
+from harness.events import wait_until
+from harness.files import files_under
+from harness.http_client import Slowloris, address, connect, get, raw_request, read_response, reset
+from harness.proc import cpu_seconds
 from watcher.service import Service
 
 Start = Callable[..., Service]
@@ -153,9 +146,9 @@ def test_trickling_connections_cannot_take_the_descriptors_scans_need(
             wait_until(
                 lambda: len(files_under(dirs["processed"])) == len(names), 30, "every delivery"
             )
-            cpu_before, wall_before = process_cpu_s(daemon.proc.pid), time.monotonic()
+            cpu_before, wall_before = cpu_seconds(daemon.proc.pid), time.monotonic()
             time.sleep(2)  # a window to measure: the accept loop must not spin
-            busy = (process_cpu_s(daemon.proc.pid) - cpu_before) / (time.monotonic() - wall_before)
+            busy = (cpu_seconds(daemon.proc.pid) - cpu_before) / (time.monotonic() - wall_before)
             assert busy < 0.6, f"the idle daemon under attack used {busy:.0%} of a core"
     finally:
         assert daemon.terminate() == 0
@@ -278,9 +271,9 @@ def test_accept_failing_with_emfile_pauses_instead_of_spinning() -> None:
             sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         lines.append(proc.stdout.readline())
         assert json.loads(lines[1])["event"] == "http.accept_failed"
-        cpu_before, wall_before = process_cpu_s(proc.pid), time.monotonic()
+        cpu_before, wall_before = cpu_seconds(proc.pid), time.monotonic()
         time.sleep(1.5)  # a window to measure: EMFILE must not make the loop spin
-        busy = (process_cpu_s(proc.pid) - cpu_before) / (time.monotonic() - wall_before)
+        busy = (cpu_seconds(proc.pid) - cpu_before) / (time.monotonic() - wall_before)
         assert busy < 0.3, f"the accept loop used {busy:.0%} of a core"
 
         proc.stdin.write("free\n")

@@ -11,8 +11,10 @@ import threading
 from pathlib import Path
 
 import pytest
-from support import EICAR, ROOT, Events, run_cli
 
+from harness import EICAR, ROOT
+from harness.daemon import run_cli
+from harness.events import Events, record_of
 from watcher.settings import load_settings
 
 
@@ -45,10 +47,7 @@ def start_make_run(var: Path) -> tuple[subprocess.Popen[bytes], Events]:
 def read_events(proc: subprocess.Popen[bytes], events: Events) -> None:
     assert proc.stdout is not None
     for line in proc.stdout:
-        try:
-            events.add(json.loads(line))
-        except ValueError:
-            events.add({"event": "raw", "line": line.decode("utf-8", "replace")})
+        events.add(record_of(line))
 
 
 def pid_alive(pid: int) -> bool:
@@ -60,6 +59,7 @@ def pid_alive(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[0] != "Z"
 
 
+@pytest.mark.clamd  # run-local.sh starts a clamd of its own
 def test_after_make_run_one_exported_config_makes_every_command_agree(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

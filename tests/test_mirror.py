@@ -28,8 +28,11 @@ from typing import Any
 import dns.message
 import dns.rrset
 import pytest
-from support import Clamd, Events, free_port, quarantined, wait_until
 
+from harness.clamd import Clamd
+from harness.events import Events, wait_until
+from harness.files import quarantined
+from harness.net import free_port
 from watcher.service import Service
 from watcher.settings import Settings
 
@@ -213,6 +216,7 @@ def mirror(tmp_path: Path) -> Iterator[Mirror]:
 @pytest.mark.usefixtures("txt_responder")
 def test_a_fleet_updates_from_one_cvdupdate_mirror_and_only_the_mirror_asks_upstream(
     make_settings: MakeSettings,
+    make_clamd: Callable[..., Clamd],
     upstream: RecordingServer,
     mirror: Mirror,
     dirs: dict[str, Path],
@@ -234,8 +238,7 @@ def test_a_fleet_updates_from_one_cvdupdate_mirror_and_only_the_mirror_asks_upst
     clamds: list[Clamd] = []
     try:
         for n in range(3):
-            clamd = Clamd(tmp_path / f"clamd-{n}")
-            clamd.start()
+            clamd = make_clamd(f"clamd-{n}")
             clamds.append(clamd)
             names = ("uploads", "processed", "quarantine", "state")
             member = {k: tmp_path / f"member-{n}" / k for k in names}
@@ -284,7 +287,7 @@ def test_a_refusing_private_mirror_backs_off_without_the_cdns_day_long_cool_down
 ) -> None:
     """freshclam treats an HTTP 429 from a PrivateMirror as a failed download, not as the CDN's
     rate limit: the job backs off (interval * 2^(n-1)), it does not wait a day. (The CDN's
-    429/403 still mean a day: tests/test_jobs_logic.py.)"""
+    429/403 still mean a day: tests/test_updates.py.)"""
     refusing = RecordingServer(tmp_path / "refusing", status=429)
     try:
         db = tmp_path / "db"

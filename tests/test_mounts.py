@@ -14,9 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from http_support import get, watcher_cli
-from support import EICAR, Events, files_under, quarantined, wait_until
 
+from harness import EICAR
+from harness.daemon import run_cli
+from harness.events import Events, wait_until
+from harness.files import files_under, quarantined
+from harness.http_client import get
 from watcher.clamav import scanner_from_settings
 from watcher.definitions import DefinitionsState
 from watcher.jobs import Jobs
@@ -91,15 +94,13 @@ def test_restore_across_mounts_allowlists_only_once_the_bytes_are_back(
     _mount("--bind", str(tmp_path / "volume-processed"), str(read_only))
     try:
         _mount("-o", "remount,bind,ro", str(read_only))
-        failed = watcher_cli(
-            "quarantine", "restore", infected["id"], "--to", str(read_only), env=env
-        )
+        failed = run_cli("quarantine", "restore", infected["id"], "--to", str(read_only), env=env)
     finally:
         subprocess.run(["umount", "-l", str(read_only)], check=False)
     assert failed.returncode == 2, failed.stderr
     assert not allowlist.exists() or list(allowlist.iterdir()) == []  # nothing allowlisted
 
-    done = watcher_cli("quarantine", "restore", infected["id"], env=env)
+    done = run_cli("quarantine", "restore", infected["id"], env=env)
     assert done.returncode == 0, done.stderr
     assert files_under(volumes["processed"]) == {"fp.com": EICAR}
     assert [p.name for p in allowlist.iterdir()] == [hashlib.sha256(EICAR).hexdigest()]
@@ -147,7 +148,7 @@ def test_a_destination_that_refuses_every_file_makes_the_daemon_not_ready(
     assert "delivery" in ready.json()["failing"]
     assert "Input/output error" in ready.json()["checks"]["delivery"]
     health = wait_until(
-        lambda: (r := watcher_cli("healthcheck", env=_cli_env(dirs))).returncode == 1 and r,
+        lambda: (r := run_cli("healthcheck", env=_cli_env(dirs))).returncode == 1 and r,
         what="healthcheck to report the failing destination",
     )
     assert "processed" in health.stdout and "Input/output error" in health.stdout

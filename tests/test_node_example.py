@@ -9,9 +9,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from http_support import ROOT, address
-from support import EICAR, wait_until
 
+from harness import EICAR, ROOT
+from harness.events import wait_until
+from harness.http_client import address
 from watcher.service import Service
 
 EXAMPLE = ROOT / "docs" / "examples" / "wait-for-verdict.mjs"

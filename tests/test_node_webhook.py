@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from receiver import free_port
-from support import EICAR, ROOT, DaemonProcess, Events, wait_until
 
+from harness import EICAR, ROOT
+from harness.daemon import DaemonProcess
+from harness.events import Events, wait_until
+from harness.net import free_port
 from watcher.push.webhooks import sign
 
 SERVER = ROOT / "examples" / "node-app" / "server.js"

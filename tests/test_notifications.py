@@ -7,9 +7,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from receiver import Receiver
-from support import EICAR, Events
-
+from harness import EICAR
+from harness.events import Events
+from harness.receiver import Receiver
 from watcher.service import Service
 
 Start = Callable[..., Service]

@@ -8,9 +8,12 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
-from http_support import get
-from support import EICAR, Clamd, DaemonProcess, Events, files_under, quarantined, wait_until
-
+from harness import EICAR
+from harness.clamd import Clamd
+from harness.daemon import DaemonProcess
+from harness.events import Events, wait_until
+from harness.files import files_under, quarantined
+from harness.http_client import get
 from watcher.service import Service
 from watcher.settings import Settings
 
@@ -38,9 +41,7 @@ def test_three_scan_processes_share_the_work_and_answer_as_one(
     daemon = DaemonProcess({**subprocess_env, "WATCHER_PROCESSES": "3"}).start()
     assert daemon.proc is not None
     try:
-        scan_processes = wait_until(
-            lambda: len(children(daemon.proc.pid)) == 2 and children(daemon.proc.pid)
-        )
+        scan_processes = wait_until(lambda: len(children(daemon.pid)) == 2 and children(daemon.pid))
         clean = {f"batch/f{n:03}.txt": f"clean {n}".encode() for n in range(120)}
         (dirs["uploads"] / "batch").mkdir()
         for rel, data in clean.items():
@@ -64,7 +65,7 @@ def test_three_scan_processes_share_the_work_and_answer_as_one(
 
         os.kill(scan_processes[0], signal.SIGKILL)  # a scan process dies: it comes back
         daemon.events.wait_for("process.exited", timeout_s=10)
-        wait_until(lambda: len(children(daemon.proc.pid)) == 2, 20, "a new scan process")
+        wait_until(lambda: len(children(daemon.pid)) == 2, 20, "a new scan process")
         later = {f"later{n:02}.txt": f"later {n}".encode() for n in range(30)}
         for rel, data in later.items():
             (dirs["uploads"] / rel).write_bytes(data)

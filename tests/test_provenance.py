@@ -11,8 +11,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from support import Events, files_under
 
+from harness.events import Events
+from harness.files import files_under
 from watcher import provenance
 from watcher.service import Service
 

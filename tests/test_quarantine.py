@@ -9,16 +9,18 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
 
-from http_support import get, watcher_cli
-from support import EICAR, Events, files_under, quarantined
-
+from harness import EICAR
+from harness.daemon import run_cli
+from harness.events import Events
+from harness.files import files_under, quarantined
+from harness.http_client import get
 from watcher.service import Service
 
 Start = Callable[..., Service]
 
 
 def cli(dirs: dict[str, Path], *args: str):  # type: ignore[no-untyped-def]
-    return watcher_cli(
+    return run_cli(
         "quarantine", *args,
         env={
             "WATCHER_UPLOADS_DIR": str(dirs["uploads"]),

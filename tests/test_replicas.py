@@ -7,11 +7,14 @@ import os
 import random
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
-from support import EICAR, Clamd, DaemonProcess, files_under, quarantined
-
+from harness import EICAR
+from harness.clamd import Clamd
+from harness.daemon import DaemonProcess, daemon_env
+from harness.files import files_under, quarantined
 from watcher.clamav import ClamdScanner
 from watcher.errors import ClamdUnavailable
 
@@ -47,7 +50,8 @@ def drain(clamd: Clamd, base: Path, replicas: int, seed: int) -> tuple[float, li
         daemon.start(wait_ready=False)
     for daemon in daemons:
         daemon.events.wait_for("watcher.ready", timeout_s=60)
-    pings, stop = [], threading.Event()
+    pings: list[float] = []
+    stop = threading.Event()
     pinger = threading.Thread(target=ping_until, args=(clamd, stop, pings), daemon=True)
     pinger.start()
     started = time.time()
@@ -70,20 +74,14 @@ def drain(clamd: Clamd, base: Path, replicas: int, seed: int) -> tuple[float, li
 
 
 def replica_env(clamd: Clamd, dirs: dict[str, Path], state: Path) -> dict[str, str]:
-    return {
-        "WATCHER_UPLOADS_DIR": str(dirs["uploads"]),
-        "WATCHER_PROCESSED_DIR": str(dirs["processed"]),
-        "WATCHER_QUARANTINE_DIR": str(dirs["quarantine"]),
-        "WATCHER_STATE_DIR": str(state),
-        "CLAMAV_SOCKET": str(clamd.socket),
-        "WATCHER_UPDATE_COMMAND": "",
-        "WATCHER_DEFINITIONS_DIR": str(clamd.db),
-        "WATCHER_HTTP_ADDR": "off",
-        "WATCHER_LOG_LEVEL": "INFO",
-        "PYTHONPATH": os.pathsep.join(
-            [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")]
-        ),
-    }
+    return daemon_env(
+        {**dirs, "state": state},
+        clamd,
+        WATCHER_UPDATE_COMMAND="",
+        WATCHER_DEFINITIONS_DIR=str(clamd.db),
+        WATCHER_HTTP_ADDR="off",
+        WATCHER_LOG_LEVEL="INFO",
+    )
 
 
 def settled(daemons: list[DaemonProcess]) -> int:
@@ -115,12 +113,13 @@ def assert_each_exactly_once(dirs: dict[str, Path], files: dict[str, bytes]) -> 
     assert files_under(dirs["uploads"]) == {}
 
 
-def test_four_replicas_on_one_clamd_drain_about_as_fast_as_one(tmp_path: Path) -> None:
+def test_four_replicas_on_one_clamd_drain_about_as_fast_as_one(
+    make_clamd: Callable[..., Clamd], tmp_path: Path
+) -> None:
     """clamd with MaxThreads 4 and MaxQueue 16: four `watcher run` on one uploads directory
     deliver at least half the rate of one (the collapse was 100x), with no scan timing out,
     and another client's PING answers within 2 s all along."""
-    clamd = Clamd(tmp_path / "clamd", max_threads=4, extra_conf="MaxQueue 16\nDisableCache yes\n")
-    clamd.start()
+    clamd = make_clamd(max_threads=4, max_queue=16, disable_cache=True)
     try:
         one_before, _ = drain(clamd, tmp_path / "one", 1, seed=1)
         four_per_s, pings = drain(clamd, tmp_path / "four", 4, seed=2)

@@ -13,18 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from support import (
-    EICAR,
-    Clamd,
-    DaemonProcess,
-    Events,
-    delivered_count,
-    files_under,
-    quarantined,
-    staged,
-    wait_until,
-)
 
+from harness import EICAR
+from harness.clamd import Clamd
+from harness.daemon import DaemonProcess
+from harness.events import Events, wait_until
+from harness.files import delivered_count, files_under, quarantined, staged
 from watcher.claims import Staging
 from watcher.service import Service
 from watcher.verdict import Clean, NotScanned, Verdict

@@ -7,16 +7,20 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from support import EICAR, Clamd, wait_until
 
+from harness import EICAR
+from harness.clamd import Clamd
+from harness.events import wait_until
 from watcher.clamav import ClamdScanner
 from watcher.errors import ClamdUnavailable
 from watcher.sessions import SessionPool
 from watcher.verdict import Clean, Infected, NotScanned
+
+MakeClamd = Callable[..., Clamd]
 
 
 class FakeSession:
@@ -124,12 +128,11 @@ def ping_s(server: Clamd, timeout_s: float) -> float:
 
 
 def test_a_session_lost_between_scans_is_replaced_without_failing_a_scan(
-    tmp_path: Path, sample: int
+    make_clamd: MakeClamd, sample: int
 ) -> None:
     """A worker's scans share pooled sessions; one clamd closed meanwhile (here by
     restarting) is replaced before the send, and the scan goes ahead."""
-    server = Clamd(tmp_path / "clamd")
-    server.start()
+    server = make_clamd()
     scanner = server.scanner
     scanner._sessions.idle_s = 60  # kept across clamd's restart
     try:
@@ -150,12 +153,11 @@ def test_a_session_lost_between_scans_is_replaced_without_failing_a_scan(
 
 
 def test_a_session_broken_mid_scan_costs_that_scan_and_is_replaced(
-    tmp_path: Path, sample: int
+    make_clamd: MakeClamd, sample: int
 ) -> None:
     """Once the request is sent, a lost session is a failed scan attempt (never clean, never
     retried blindly); the broken session is dropped and the next scan gets a new one."""
-    server = Clamd(tmp_path / "clamd")
-    server.start()
+    server = make_clamd()
     scanner = server.scanner
     scanner._sessions.idle_s = 60
     verdicts = []
@@ -188,11 +190,10 @@ def test_a_session_broken_mid_scan_costs_that_scan_and_is_replaced(
         server.stop()
 
 
-def test_idle_sessions_give_clamd_its_capacity_back(tmp_path: Path, sample: int) -> None:
+def test_idle_sessions_give_clamd_its_capacity_back(make_clamd: MakeClamd, sample: int) -> None:
     """clamd accepts no more connections once MaxQueue are open, idle sessions included: ours
     close soon after their last scan, so another client gets in."""
-    server = Clamd(tmp_path / "clamd", max_threads=4, extra_conf="MaxQueue 16\n")
-    server.start()
+    server = make_clamd(max_threads=4, max_queue=16)
     scanner = server.scanner
     held = hold_sessions(server, 15)
     try:
@@ -208,11 +209,12 @@ def test_idle_sessions_give_clamd_its_capacity_back(tmp_path: Path, sample: int)
         server.stop()
 
 
-def test_another_client_gets_in_while_every_session_is_busy(tmp_path: Path) -> None:
+def test_another_client_gets_in_while_every_session_is_busy(
+    make_clamd: MakeClamd, tmp_path: Path
+) -> None:
     """Two scanners (replicas) whose sessions fill clamd's MaxQueue and never go idle: a
     session past its age closes after its reply, and another client's PING gets in."""
-    server = Clamd(tmp_path / "clamd", max_threads=8, extra_conf="MaxQueue 16\n")
-    server.start()
+    server = make_clamd(max_threads=8, max_queue=16)
     replicas = [server.scanner, server.scanner]  # 8 sessions each, clamd's MaxThreads
     stop = threading.Event()
     scanned = [0]

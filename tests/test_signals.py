@@ -7,7 +7,8 @@ import os
 import signal
 from pathlib import Path
 
-from support import DaemonProcess, wait_until
+from harness.daemon import DaemonProcess
+from harness.events import wait_until
 
 _SYS_TGKILL = 234  # x86-64
 _SYS_FUTEX = 202

@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import EICAR, Events, files_under
 
+from harness import EICAR
+from harness.events import Events
+from harness.files import files_under
 from watcher.service import Service
 
 BIG = b"x" * 4096

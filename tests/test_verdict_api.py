@@ -6,13 +6,16 @@ import hashlib
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
-from http_support import Response, get
-from support import EICAR, Clamd, wait_until
 
+from harness import EICAR
+from harness.clamd import Clamd
+from harness.events import wait_until
+from harness.http_client import Response, get
 from watcher.ops.verdicts import FileStatus, Verdicts
 from watcher.service import Service
 from watcher.settings import Settings
@@ -154,7 +157,7 @@ def test_a_recorded_verdict_wakes_only_the_watchers_of_its_path(
     daemon = start_daemon()
     woken: list[str] = []
     unwatch = [
-        daemon.ops.verdicts.watch(f"f{n}.txt", lambda n=n: woken.append(f"f{n}.txt"))
+        daemon.ops.verdicts.watch(f"f{n}.txt", partial(woken.append, f"f{n}.txt"))
         for n in range(50)
     ]
     (dirs["uploads"] / "f7.txt").write_bytes(b"seven")

@@ -7,17 +7,19 @@ import hashlib
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import pytest
-from http_support import get
-from receiver import Receiver
-from sigserver import SignatureServer, freshclam_command
-from support import EICAR, Clamd, DaemonProcess, Events, files_under, staged, wait_until
-
+from harness import EICAR
+from harness.clamd import Clamd
+from harness.daemon import DaemonProcess
+from harness.events import Events, wait_until
+from harness.files import files_under, staged
+from harness.http_client import get
+from harness.mirror import SignatureServer, freshclam_command
+from harness.receiver import Receiver
 from watcher.claims import Claim
 from watcher.recording import Recorder
 from watcher.service import Service
@@ -107,13 +109,6 @@ def test_verdicts_by_content_list_every_file_with_those_bytes(
     assert sorted(f["path"] for f in body["files"]) == ["a.txt", "b.txt"]
     assert get(daemon, f"/v1/verdicts/{sha(b'never seen')}").json()["state"] == "unknown"
     assert get(daemon, "/v1/verdicts/abc").status == 400
-
-
-@pytest.fixture
-def mirror(tmp_path: Path) -> Iterator[SignatureServer]:
-    server = SignatureServer(tmp_path / "mirror").start()
-    yield server
-    server.stop()
 
 
 def test_a_late_detection_updates_the_stored_verdict_and_tells_the_app(

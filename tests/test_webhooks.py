@@ -10,10 +10,11 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from http_support import get
-from receiver import Post, Receiver
-from support import EICAR, DaemonProcess, Events, wait_until
-
+from harness import EICAR
+from harness.daemon import DaemonProcess
+from harness.events import Events, wait_until
+from harness.http_client import get
+from harness.receiver import Post, Receiver
 from watcher.push.webhooks import sign, verify
 from watcher.service import Service
 

@@ -6,7 +6,7 @@ SIGKILL of the daemon then a restart (20 or more), clamd stopped and started aga
 with SIGSTOP for longer than the scan timeout, the processed filesystem full (a small tmpfs made
 for the run, filled with a ballast file), a second daemon on the same directories, and a burst of
 20,000 files past inotify's queue. Then the stream stops, the daemon drains and stops cleanly,
-and the end state is checked (soak_verify). Prints a table; exits 1 on any loss, duplicate,
+and the end state is checked (soak.verify). Prints a table; exits 1 on any loss, duplicate,
 leftover or failed check, 2 when it cannot run (not root, no clamd). See docs/soak.md.
 """
 
@@ -29,14 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from soak_corpus import Corpus, Upload
-from soak_daemons import ROOT, EventLog, Instance
-from soak_report import report
-from soak_schedule import BURST_FILES, SCAN_TIMEOUT_S, Action, Episode, build_schedule
-from soak_verify import verify
-
-sys.path.insert(0, str(ROOT / "tests"))
-from support import Clamd  # tests/ is not a package
+from harness.clamd import Clamd, clamd_binary
+from harness.daemon import daemon_env
+from soak.corpus import Corpus, Upload
+from soak.daemons import EventLog, Instance
+from soak.report import Figures, report
+from soak.schedule import BURST_FILES, SCAN_TIMEOUT_S, Action, Episode, build_schedule
+from soak.verify import verify
+from watcher.claims import claimed_files
 
 TMPFS_SIZE = "512m"
 DRAIN_RESERVE_S = 70.0  # of --minutes, kept for the drain, the clean stop and the checks
@@ -112,8 +112,7 @@ class Soak:
         )
         self.mounted = True
         assert os.stat(self.fs).st_dev != os.stat(self.uploads_dir).st_dev
-        self.clamd = Clamd(self.base / "clamd", max_threads=4)
-        self.clamd.start()
+        self.clamd = Clamd(self.base / "clamd", max_threads=4).start()
         self.burst_src = self.corpus.burst(BURST_FILES)
         src = self.base / "burst-src"
         src.mkdir()
@@ -122,22 +121,18 @@ class Soak:
 
     def env(self) -> dict[str, str]:
         assert self.clamd is not None
-        return {
-            **os.environ,
-            "PYTHONPATH": str(ROOT),
-            "WATCHER_UPLOADS_DIR": str(self.uploads_dir),
-            "WATCHER_PROCESSED_DIR": str(self.processed),
-            "WATCHER_QUARANTINE_DIR": str(self.quarantine),
-            "WATCHER_STATE_DIR": str(self.base / "state"),
-            "CLAMAV_SOCKET": str(self.clamd.socket),
-            "WATCHER_SCAN_TIMEOUT_S": str(SCAN_TIMEOUT_S),
-            "WATCHER_SHUTDOWN_GRACE_S": "10",
-            "WATCHER_UPDATE_COMMAND": "",  # no freshclam here; the jobs otherwise run
-            "WATCHER_HTTP_ADDR": "off",  # two daemons at once; the HTTP surface is not under test
-            "WATCHER_DEFINITIONS_DIR": str(self.clamd.db),
-            "WATCHER_LOG_FORMAT": "json",
-            "WATCHER_LOG_LEVEL": "INFO",
-        }
+        dirs = {"uploads": self.uploads_dir, "processed": self.processed}
+        dirs |= {"quarantine": self.quarantine, "state": self.base / "state"}
+        return daemon_env(
+            dirs,
+            self.clamd,
+            WATCHER_SCAN_TIMEOUT_S=str(SCAN_TIMEOUT_S),
+            WATCHER_SHUTDOWN_GRACE_S="10",
+            WATCHER_UPDATE_COMMAND="",  # no freshclam here; the jobs otherwise run
+            WATCHER_HTTP_ADDR="off",  # two daemons at once; the HTTP surface is not under test
+            WATCHER_DEFINITIONS_DIR=str(self.clamd.db),
+            WATCHER_LOG_LEVEL="INFO",
+        )
 
     def start_daemon(self, role: str) -> Instance:
         """Start without waiting: faults keep their times while a daemon starts up."""
@@ -372,7 +367,7 @@ class Soak:
 
     def _nothing_waiting(self) -> bool:
         staging = self.uploads_dir / ".watcher"
-        if any(staging.glob("d-*/*.data")):
+        if claimed_files(staging):
             return False
         for dirpath, dirs, names in os.walk(self.uploads_dir):
             if Path(dirpath) == self.uploads_dir and ".watcher" in dirs:
@@ -422,7 +417,18 @@ class Soak:
         self.check_episodes()
         self.check_logs()
         rss = self.check_rss(last)
-        report(self, found, rss)
+        figures = Figures(
+            seed=self.seed,
+            minutes=self.minutes,
+            uploads=self.uploads,
+            episodes=self.episodes,
+            delivered_at=self.delivered_at(),
+            problems=self.problems,
+            notes=self.notes,
+            found=found,
+            rss=rss,
+        )
+        report(figures)
         return 1 if self.problems or found.problems else 0
 
     def restore(self) -> None:
@@ -529,7 +535,9 @@ def _free_bytes(path: Path) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m soak",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--seed", type=int, default=None, help="default: a random one (printed)")
     parser.add_argument("--minutes", type=float, default=6.0, help="whole run, 4 or more")
@@ -539,7 +547,7 @@ def main() -> int:
     if os.geteuid() != 0:
         print("soak: must run as root (it mounts a tmpfs to fill)", file=sys.stderr)
         return 2
-    if shutil.which("clamd") is None or args.minutes < 4:
+    if clamd_binary() is None or args.minutes < 4:
         print("soak: needs clamd (make install) and --minutes >= 4", file=sys.stderr)
         return 2
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 10**6)

@@ -1,23 +1,18 @@
-"""Real HTTP requests to a daemon's API, with the raw path sent as given (no normalising)."""
+"""Real HTTP requests to a daemon's API, with the raw path sent as given (no normalising), and
+attackers on raw sockets, so a test controls every byte and every timing."""
 
 from __future__ import annotations
 
 import http.client
 import json
-import os
 import socket
 import struct
-import subprocess
 import threading
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from support import run_cli
-
-from watcher.service import Service
-
-ROOT = Path(__file__).resolve().parent.parent
+if TYPE_CHECKING:
+    from watcher.service import Service
 
 
 @dataclass
@@ -36,7 +31,7 @@ def address(daemon: Service) -> tuple[str, int]:
 
 
 def get(target: Service | tuple[str, int], path: str, timeout_s: float = 10.0) -> Response:
-    host, port = address(target) if isinstance(target, Service) else target
+    host, port = target if isinstance(target, tuple) else address(target)
     conn = http.client.HTTPConnection(host, port, timeout=timeout_s)
     try:
         conn.request("GET", path)
@@ -44,11 +39,6 @@ def get(target: Service | tuple[str, int], path: str, timeout_s: float = 10.0) -
         return Response(resp.status, resp.read(), resp.getheader("Content-Type") or "")
     finally:
         conn.close()
-
-
-def watcher_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """`python -m watcher ARGS` with the given environment added."""
-    return run_cli(*args, env=env, timeout_s=30)
 
 
 # -- attackers: raw sockets, so a test controls every byte and every timing ---------------------
@@ -152,9 +142,3 @@ class Slowloris:
         except OSError:
             return None
         return sent + 1
-
-
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds a process has used (from /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

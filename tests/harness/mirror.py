@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.server
 import pwd
+import secrets
 import threading
 from functools import partial
 from pathlib import Path
@@ -55,3 +56,8 @@ def freshclam_command(conf: Path, database_dir: Path, url: str) -> str:
         "ConnectTimeout 5\nReceiveTimeout 10\nMaxAttempts 1\n"
     )
     return f"freshclam --config-file={conf} --no-dns --stdout"
+
+
+def unique_marker() -> bytes:
+    """Bytes no signature knows yet: `publish` one to make files containing it infected."""
+    return b"WATCHER-LATE-MARKER-" + secrets.token_hex(8).encode()

@@ -5,23 +5,36 @@ from __future__ import annotations
 import os
 import statistics
 from collections import Counter
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
-from soak_corpus import Upload
-from soak_schedule import FAULTS, Episode
-from soak_verify import CORRUPT, DUPLICATE, LEFTOVER, LOST, MISPLACED, Findings
-
-if TYPE_CHECKING:
-    from soak import Soak
+from soak.corpus import Upload
+from soak.schedule import FAULTS, Episode
+from soak.verify import CORRUPT, DUPLICATE, LEFTOVER, LOST, MISPLACED, Findings
 
 FILE_PROBLEMS = (LOST, DUPLICATE, MISPLACED, CORRUPT)
 
 
-def report(soak: Soak, found: Findings, rss: dict[str, float]) -> None:
-    problems = soak.problems + found.problems
+@dataclass(frozen=True)
+class Figures:
+    """What a soak run measured: everything the table is made of, as plain data."""
+
+    seed: int
+    minutes: float
+    uploads: list[Upload]
+    episodes: list[Episode]
+    delivered_at: dict[bytes, float]  # upload path -> wall clock of its first delivery event
+    problems: list[tuple[str, str]]  # (kind, text): the run's failed checks
+    notes: list[str]
+    found: Findings  # the end state, checked (soak.verify)
+    rss: dict[str, float]  # MB: first, last_start, end, peak; and last_lived_s
+
+
+def report(figures: Figures) -> None:
+    found, rss = figures.found, figures.rss
+    problems = figures.problems + found.problems
     count = Counter(kind for kind, _ in problems)
-    rows = _files(soak.uploads, found, count) + _faults(soak.episodes)
-    rows += _delays(soak.uploads, soak.delivered_at())
+    rows = _files(figures.uploads, found, count) + _faults(figures.episodes)
+    rows += _delays(figures.uploads, figures.delivered_at)
     rows.append(
         (
             "RSS: first daemon / last daemon start → end (peak of all)",
@@ -33,11 +46,11 @@ def report(soak: Soak, found: Findings, rss: dict[str, float]) -> None:
     rows.append(("other failed checks (events, daemon exits, RSS, drain)", str(others)))
     rows.append(("result", "FAIL" if problems else "PASS"))
 
-    print(f"\nseed {soak.seed}, {soak.minutes:g} minutes, {os.cpu_count()} cores\n")
+    print(f"\nseed {figures.seed}, {figures.minutes:g} minutes, {os.cpu_count()} cores\n")
     print("| measure | value |\n|---|---|")
     for name, value in rows:
         print(f"| {name} | {value} |")
-    for note in soak.notes + found.notes:
+    for note in figures.notes + found.notes:
         print(f"note: {note}")
     for kind, text in problems[:50]:
         print(f"PROBLEM {kind}: {text}")

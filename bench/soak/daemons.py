@@ -1,10 +1,9 @@
-"""The daemons under test: `python -m watcher run` subprocesses and their JSON log events."""
+"""The daemons under test: `python -m watcher run` subprocesses (tests/harness' DaemonProcess)
+and their JSON log events, merged into one log."""
 
 from __future__ import annotations
 
-import json
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -12,7 +11,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchlib import ROOT
+from harness.daemon import DaemonProcess
+from harness.proc import rss_mb
 
 
 class EventLog:
@@ -46,7 +47,8 @@ def _wall(record: dict[str, Any]) -> float:
 
 
 class Instance:
-    """One `python -m watcher run`: its stdout copied to a log file and parsed into events."""
+    """One `python -m watcher run`: its output copied to a log file, its events added to the
+    shared EventLog (all but ``intake.swept``); started, not waited for."""
 
     def __init__(
         self,
@@ -58,32 +60,28 @@ class Instance:
         on_ready: Callable[[Instance], None],
     ) -> None:
         self.number, self.role, self._on_ready = number, role, on_ready
-        self.ready = threading.Event()
         self.expected_exit = False
         self.rss: list[tuple[float, float]] = []  # (wall clock, MB)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "watcher", "run"],
-            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        self._log = log
         self.started = time.time()
         self.ended = 0.0  # wall clock of our kill or terminate
-        self._log, self._file = log, logs / f"daemon-{number:02}-{role}.jsonl"
-        threading.Thread(target=self._read, daemon=True).start()
+        self.daemon = DaemonProcess(
+            env,
+            keep=lambda record: False,  # the EventLog has them all
+            on_record=self._record,
+            log_file=logs / f"daemon-{number:02}-{role}.jsonl",
+            cwd=ROOT,
+        )
+        self.daemon.start(wait_ready=False)
+        self.ready = self.daemon.ready
+        assert self.daemon.proc is not None
+        self.proc: subprocess.Popen[bytes] = self.daemon.proc
 
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        with open(self._file, "wb") as out:
-            for line in self.proc.stdout:
-                out.write(line)
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    record = {"event": "raw", "line": line.decode("utf-8", "replace")}
-                if record.get("event") == "watcher.ready":
-                    self.ready.set()
-                    self._on_ready(self)
-                if record.get("event") != "intake.swept":
-                    self._log.add(self.number, record)
+    def _record(self, record: dict[str, Any]) -> None:
+        if record.get("event") == "watcher.ready":
+            self._on_ready(self)
+        if record.get("event") != "intake.swept":
+            self._log.add(self.number, record)
 
     @property
     def alive(self) -> bool:
@@ -98,9 +96,8 @@ class Instance:
     def terminate(self, timeout_s: float = 60.0) -> int | None:
         self.expected_exit = True
         self.ended = time.time()
-        self.proc.terminate()
         try:
-            return self.proc.wait(timeout=timeout_s)
+            return self.daemon.terminate(timeout_s)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(timeout=30)
@@ -108,9 +105,8 @@ class Instance:
 
     def sample_rss(self) -> None:
         try:
-            status = Path(f"/proc/{self.proc.pid}/status").read_text()
+            mb = rss_mb(self.proc.pid)
         except OSError:
             return
-        for line in status.splitlines():
-            if line.startswith("VmRSS:"):
-                self.rss.append((time.time(), int(line.split()[1]) / 1024))
+        if mb:  # 0.0: exited, not yet reaped
+            self.rss.append((time.time(), mb))

@@ -1,4 +1,5 @@
-"""Pure pieces: reply parsing, name suffixes, crash recovery of claims."""
+"""Claims and their journal: a claimed upload is never lost nor delivered twice, whatever
+daemon died when (watcher/claims.py, recovery in watcher/delivery.py)."""
 
 from __future__ import annotations
 
@@ -6,60 +7,9 @@ import os
 from pathlib import Path
 
 import pytest
-from loguru import logger
 
 from watcher.claims import Claim, Journal, Staging
 from watcher.delivery import Deliverer
-from watcher.fsops import copy_to_new_file, noclobber_names
-from watcher.verdict import Clean, Infected, NotScanned, parse_reply
-
-
-@pytest.mark.parametrize(
-    ("reply", "verdict"),
-    [
-        ("fd[10]: OK", Clean()),
-        ("stream: OK", Clean()),
-        ("fd[10]: Eicar-Test-Signature FOUND", Infected("Eicar-Test-Signature")),
-        ("stream: Win.Test.EICAR_HDB-1 FOUND", Infected("Win.Test.EICAR_HDB-1")),
-    ],
-)
-def test_explicit_replies(reply: str, verdict: object) -> None:
-    assert parse_reply(reply) == verdict
-
-
-@pytest.mark.parametrize(
-    "reply",
-    [
-        "",
-        "OK",
-        "fd[10]: OKAY",
-        "/some/path: OK",  # a reply for a path we never sent
-        "fd[10]: Can't open file or directory ERROR",
-        "fd[10]: lstat() failed: No such file or directory. ERROR",
-        "stream: OK\nstream: Eicar FOUND",
-        "PONG",
-    ],
-)
-def test_anything_but_an_explicit_ok_is_not_clean(reply: str) -> None:
-    verdict = parse_reply(reply)
-    assert isinstance(verdict, NotScanned) and verdict.transient
-
-
-def test_size_limits_are_unscannable_never_clean() -> None:
-    assert parse_reply("INSTREAM size limit exceeded. ERROR") == NotScanned(
-        "exceeds clamd StreamMaxLength", transient=False, cause="limits"
-    )
-    limited = parse_reply("fd[3]: Heuristics.Limits.Exceeded.MaxFileSize FOUND")
-    assert isinstance(limited, NotScanned) and not limited.transient
-    assert limited.cause == "limits"
-
-
-def test_noclobber_names_keep_extension_and_255_bytes() -> None:
-    nth = noclobber_names("photo.jpg")
-    assert [nth(0), nth(1), nth(12)] == ["photo.jpg", "photo (1).jpg", "photo (12).jpg"]
-    long = noclobber_names("é" * 125 + ".txt")
-    assert all(len(os.fsencode(long(n))) <= 255 for n in range(0, 200, 7))
-    assert noclobber_names(".bashrc")(1) == ".bashrc (1)"
 
 
 def _claim_files(staging: Staging, uploads: Path, name: str, body: bytes) -> Path:
@@ -194,46 +144,3 @@ def test_a_daemon_starting_up_is_never_adopted_and_a_dead_start_is_cleaned(
     assert staging.dir.name.startswith("d-") and (staging.dir / "lock").exists()
     assert staging.recover() == []
     assert starting.exists() and not dead.exists()
-
-
-def test_log_budget_passes_ten_lines_a_second_per_event_and_counts_the_rest() -> None:
-    from support import loguru_events
-
-    from watcher.logs import LogBudget
-
-    events, sink = loguru_events()
-    try:
-        budget = LogBudget("http.log_suppressed", per_s=10)
-        for n in range(25):
-            budget.log("http.client_error", now=100.0 + n / 100, n=n)
-        budget.log("http.busy", now=100.5)
-        budget.flush(now=101.0)  # the second is over: one line sums it up
-        budget.log("http.client_error", now=101.1, n=99)
-    finally:
-        logger.remove(sink)
-    assert [e["n"] for e in events.named("http.client_error")] == [*range(10), 99]
-    assert len(events.named("http.busy")) == 1
-    (summary,) = events.named("http.log_suppressed")
-    assert summary["suppressed_event"] == "http.client_error" and summary["count"] == 15
-
-
-def test_a_copy_keeps_the_holes_of_a_sparse_file(tmp_path: Path) -> None:
-    """Issue 11.6: a copy (between mounts, or a private copy) never fills an upload's holes."""
-    source = tmp_path / "sparse.bin"
-    with open(source, "wb") as f:
-        f.truncate(8 << 30)
-        f.seek(4 << 30)
-        f.write(b"middle")
-    src = os.open(source, os.O_RDONLY)
-    out_dir = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        copy_to_new_file(src, out_dir, "copy.bin", 0o640)
-    finally:
-        os.close(src)
-        os.close(out_dir)
-    copy = tmp_path / "copy.bin"
-    assert copy.stat().st_size == 8 << 30 and copy.stat().st_blocks * 512 < 1 << 20
-    assert copy.stat().st_mode & 0o777 == 0o640
-    with open(copy, "rb") as f:
-        f.seek(4 << 30)
-        assert f.read(6) == b"middle"

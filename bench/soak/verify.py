@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from soak_corpus import Upload
+from soak.corpus import Upload
+from watcher.claims import HELD, claim_data, claimed_files, journal_segments, parse_journal
 
 # Problem kinds; any of them fails the soak.
 LOST, DUPLICATE, MISPLACED, CORRUPT = "lost", "duplicate", "misplaced", "corrupt"
@@ -140,22 +141,17 @@ def _check_quarantine(
 
 
 def _staged_claims(uploads_dir: Path) -> dict[bytes, str]:
-    """Claims left in any staging directory, by original path (from their journals)."""
-    staged: dict[bytes, str] = {}
-    for directory in sorted((uploads_dir / ".watcher").glob("d-*")):
-        names: dict[str, str] = {}
-        for segment in sorted(directory.glob("journal-*")):
-            for line in segment.read_bytes().splitlines():
-                try:
-                    entry = json.loads(line)
-                    if "rel" in entry:
-                        names[entry["id"]] = entry["rel"]
-                except (ValueError, KeyError, TypeError):
-                    continue
-        for data in sorted(directory.glob("*.data")):
-            claim_id = data.name.removesuffix(".data")
-            staged[os.fsencode(names.get(claim_id, f"?{claim_id}"))] = str(data)
-    return staged
+    """Claims left in any staging directory, by original path (from their journals, read
+    through watcher.claims, the format's owner)."""
+    staging = uploads_dir / ".watcher"
+    names: dict[Path, str] = {}
+    for segment in journal_segments(staging):
+        for entry in parse_journal(segment.read_bytes()):
+            if isinstance(entry.get("rel"), str):
+                names[claim_data(segment, entry["id"])] = entry["rel"]
+    return {
+        os.fsencode(names.get(data, f"?{data.stem}")): str(data) for data in claimed_files(staging)
+    }
 
 
 def _check_uploads(found: Findings, by_rel: dict[bytes, Upload], uploads_dir: Path) -> None:
@@ -170,9 +166,9 @@ def _check_uploads(found: Findings, by_rel: dict[bytes, Upload], uploads_dir: Pa
             if rel not in by_rel:
                 found.add(LEFTOVER, f"unknown entry in uploads: {rel!r}")
     staging = uploads_dir / ".watcher"
-    for data in sorted(staging.glob("d-*/*.data")):
+    for data in claimed_files(staging):
         found.add(LEFTOVER, f"claim data in staging after a clean stop: {data}")
-    for held in sorted(staging.glob("held/*")):
+    for held in sorted((staging / HELD).glob("*")):
         found.add(LEFTOVER, f"held in staging: {held}")
     leftover_dirs = sorted(p.name for p in staging.glob("d-*"))
     if leftover_dirs:

@@ -9,19 +9,14 @@ zip), or one of ClamAV's own test files; the test signature set detects all of t
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import io
 import random
 import zipfile
 from dataclasses import dataclass
-from pathlib import Path
 
-TESTFILES = Path("/usr/share/clamav-testfiles")
-# Assembled at run time so that no file in the repository is itself EICAR.
-EICAR = base64.b64decode(
-    b"WDVPIVAlQEFQWzRcUFpYNTQoUF4pN0NDKTd9JEVJQ0FSLVNUQU5EQVJELUFOVElWSVJVUy1URVNULUZJTEUhJEgrSCo="
-)
+from harness import EICAR, TESTFILES
+
 NAME_MAX = 255
 
 

@@ -7,8 +7,9 @@ with SIGSTOP for longer than the scan timeout, the processed filesystem full (a 
 for the run, filled with a ballast file), a second daemon on the same directories, and a burst of
 20,000 files past inotify's queue; the app's webhook receiver (soak.webhooks) is taken down
 twice. Then the stream stops, the daemon drains, the last webhook events arrive, it stops
-cleanly, and the end state is checked (soak.verify) with every verdict pushed. Prints a table; exits 1 on any loss, duplicate,
-leftover or failed check, 2 when it cannot run (not root, no clamd). See docs/soak.md.
+cleanly, and the end state is checked (soak.verify) with every verdict pushed. Prints a
+table; exits 1 on any loss, duplicate, leftover or failed check, 2 when it cannot run (not
+root, no clamd). See docs/soak.md.
 """
 
 from __future__ import annotations

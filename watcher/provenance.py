@@ -20,7 +20,6 @@ or running as root): elsewhere an uploader's own ``user.watcher.*`` could not be
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import threading
 from typing import Any
@@ -29,16 +28,6 @@ from watcher.store import iso
 
 PREFIX = "user.watcher."
 NAMES = ("sha256", "verdict", "definitions", "scanned_at")
-_SKIP_ERRNOS = {
-    errno.ENOTSUP,
-    errno.EOPNOTSUPP,
-    errno.EACCES,
-    errno.EPERM,
-    errno.ENOSPC,
-    errno.EDQUOT,
-    errno.E2BIG,
-    errno.EROFS,
-}
 _reported: set[int] = set()
 _reported_lock = threading.Lock()
 
@@ -64,9 +53,7 @@ def stamp(fd: int, verdict: dict[str, Any]) -> bool:
                 os.removexattr(fd, name)
         for name, value in wanted.items():
             os.setxattr(fd, name, value)
-    except OSError as err:
-        if err.errno not in _SKIP_ERRNOS:
-            raise
+    except OSError as err:  # whatever the cause: attributes never stop a delivery
         _skipped(err)
         return False
     return True
@@ -79,8 +66,6 @@ def copy(src_fd: int, dst_fd: int) -> None:
             if name.startswith(PREFIX):
                 os.setxattr(dst_fd, name, os.getxattr(src_fd, name))
     except OSError as err:
-        if err.errno not in _SKIP_ERRNOS:
-            raise
         _skipped(err)
 
 

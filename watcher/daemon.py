@@ -33,6 +33,7 @@ from watcher.errors import ClamdUnavailable
 from watcher.intake import Intake
 from watcher.logs import emit
 from watcher.pipeline import Pipeline, PipelineConfig, Result, RetryCause
+from watcher.recording import recorder_from_settings
 from watcher.settings import Settings, check_disjoint
 from watcher.verdict import Outcome
 
@@ -193,7 +194,11 @@ class Daemon:
         self.scanner: Scanner = scanner or scanner_from_settings(settings)
         self.stop_event = threading.Event()
         self.staging = Staging(settings.staging_root)
-        self.deliverer = Deliverer(settings.processed_dir, settings.quarantine_dir, self.staging)
+        self.recorder = recorder_from_settings(settings)  # the verdict store: recording.py
+        settle = self.recorder.settle if self.recorder.store is not None else None
+        self.deliverer = Deliverer(
+            settings.processed_dir, settings.quarantine_dir, self.staging, settle
+        )
         self.allowlist = Allowlist(settings.state_dir / "allowlist")
         self.inspector = inspector_from_settings(settings, self.scanner)
         self.pipeline = Pipeline(
@@ -252,7 +257,7 @@ class Daemon:
         self._count_lock = threading.Lock()
         self._workers: list[threading.Thread] = []
         self._waiting_for_space: dict[Path | None, set[str]] = {}  # destination → claim ids
-        self._listeners: list[Callable[[Result], None]] = []
+        self._listeners: list[Callable[[Result], None]] = [self.recorder.record_result]
         self._drained: int | None = None  # workers left unfinished by `drain`
         self._closed = False
 
@@ -267,6 +272,7 @@ class Daemon:
         check_disjoint(s)  # before anything is made or moved
         ignore_lease_breaks()
         s.uploads_dir.mkdir(parents=True, exist_ok=True)
+        self.recorder.open()  # before any claim can be settled
         self.deliverer.start()
         self.staging.open()
         # clamd's threads are shared by every scan process: each gets its share of them.
@@ -321,6 +327,7 @@ class Daemon:
             return
         self._closed = True
         self.staging.close()
+        self.recorder.close()
         emit("watcher.stopped", unfinished=unfinished)
 
     # -- what the operations surface reads (watcher/ops/state.py) ------------------------

@@ -325,23 +325,56 @@ def big_file(daemon: Watcher, size: int) -> dict[str, Any]:
     }
 
 
-def archive_ab(clamd: Clamd, corpus: Path, base: Path, files: int, rounds: int) -> dict[str, Any]:
-    """Daemon CPU per file with WATCHER_ARCHIVE_INSPECTION on and off, alternating (ABBA...):
-    the machine is shared, so each pair of runs sees the same weather."""
-    cpu: dict[str, list[float]] = {"true": [], "false": []}
-    wall: dict[str, list[float]] = {"true": [], "false": []}
+def alternate(
+    clamd: Clamd,
+    corpus: Path,
+    base: Path,
+    files: int,
+    rounds: int,
+    setting: str,
+    arms: tuple[str, str],
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Daemon CPU per file (ms) and drain time (s) with `setting` at each of two values,
+    alternating (ABBA...): the machine is shared, so each pair of runs sees the same weather."""
+    cpu: dict[str, list[float]] = {arm: [] for arm in arms}
+    wall: dict[str, list[float]] = {arm: [] for arm in arms}
     for n in range(rounds):
-        for arm in ("true", "false") if n % 2 == 0 else ("false", "true"):
-            daemon = Watcher(base / f"ab-{n}-{arm}", clamd, WATCHER_ARCHIVE_INSPECTION=arm)
+        for arm in arms if n % 2 == 0 else arms[::-1]:
+            daemon = Watcher(base / f"ab-{setting}-{n}-{arm}", clamd, **{setting: arm})
             before = cpu_seconds(daemon.pid)
             started = move_all(corpus, daemon.uploads)
             finished = daemon.wait_delivered(files, 600)
             cpu[arm].append((cpu_seconds(daemon.pid) - before) / files * 1000)
             wall[arm].append(finished - started)
             if count_files(daemon.processed) != files:  # a clean corpus: nothing refused
-                raise RuntimeError(f"inspection {arm}: {count_files(daemon.processed)}/{files}")
+                raise RuntimeError(f"{setting}={arm}: {count_files(daemon.processed)}/{files}")
             move_all(daemon.processed, corpus)
             daemon.stop()
+    return cpu, wall
+
+
+def store_ab(clamd: Clamd, corpus: Path, base: Path, files: int, rounds: int) -> dict[str, Any]:
+    """The verdict store's cost: daemon CPU per file with WATCHER_VERDICT_STORE sqlite / off."""
+    cpu, wall = alternate(
+        clamd, corpus, base, files, rounds, "WATCHER_VERDICT_STORE", ("sqlite", "off")
+    )
+    on, off = statistics.median(cpu["sqlite"]), statistics.median(cpu["off"])
+    return {
+        "rounds": rounds,
+        "cpu_ms_per_file_on": on,
+        "cpu_ms_per_file_off": off,
+        "cpu_ms_per_file_added": on - off,
+        "seconds_on": statistics.median(wall["sqlite"]),
+        "seconds_off": statistics.median(wall["off"]),
+        "cpu_ms_per_file_runs": cpu,
+    }
+
+
+def archive_ab(clamd: Clamd, corpus: Path, base: Path, files: int, rounds: int) -> dict[str, Any]:
+    """Daemon CPU per file with WATCHER_ARCHIVE_INSPECTION on and off, alternating."""
+    cpu, wall = alternate(
+        clamd, corpus, base, files, rounds, "WATCHER_ARCHIVE_INSPECTION", ("true", "false")
+    )
     zips = sum(1 for p in corpus.iterdir() if p.suffix == ".zip")
     on, off = statistics.median(cpu["true"]), statistics.median(cpu["false"])
     return {
@@ -381,6 +414,8 @@ def main() -> int:
     parser.add_argument(
         "--archives-only", action="store_true", help="only the archive inspection A/B"
     )
+    parser.add_argument("--store-rounds", type=int, default=4, help="verdict store on/off")
+    parser.add_argument("--store-only", action="store_true", help="only the verdict store A/B")
     args = parser.parse_args()
 
     base = Path(tempfile.mkdtemp(prefix="watcher-bench-", dir="/var/tmp"))
@@ -399,6 +434,14 @@ def main() -> int:
         corpus_bytes = make_corpus(corpus, args.files)
         results["corpus"] = {"files": args.files, "mb": round(corpus_bytes / 1e6, 1)}
         print(f"corpus: {args.files} files, {corpus_bytes / 1e6:.1f} MB", flush=True)
+        if args.store_rounds:
+            results["store"] = store_ab(
+                clamd, corpus, base / "store", args.files, args.store_rounds
+            )
+            print(f"verdict store: {_short(results['store'])}", flush=True)
+            if args.store_only:
+                print(json.dumps(results, indent=2))
+                return 0
         if args.ab_rounds:
             results["archives"] = archive_ab(clamd, corpus, base, args.files, args.ab_rounds)
             print(f"archive inspection: {_short(results['archives'])}", flush=True)
@@ -491,6 +534,13 @@ def print_table(r: dict[str, Any]) -> None:
         a = r["archives"]
         added = f"+{a['cpu_ms_per_file_added']:.2f} ms/file (+{a['cpu_ms_per_zip_added']:.2f}/zip)"
         rows.append(("daemon CPU, archive inspection on - off", added, "small"))
+    if "store" in r:
+        st = r["store"]
+        added = (
+            f"+{st['cpu_ms_per_file_added']:.2f} ms/file "
+            f"({st['cpu_ms_per_file_off']:.2f} → {st['cpu_ms_per_file_on']:.2f})"
+        )
+        rows.append(("daemon CPU, verdict store on - off", added, "small"))
     if "big_file" in r:
         big = r["big_file"]
         peak = f"RSS {big['rss_before_mb']:.0f} → peak {big['rss_peak_mb']:.0f} MB"

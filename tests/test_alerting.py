@@ -73,6 +73,11 @@ SCENARIOS = [
     ("WatcherClamdUntrusted", 'watcher_clamd_trusted{instance="a"}', "1 1x5", 3, None),
     ("WatcherDeliveryFailing", 'watcher_delivery_failing{instance="a"}', "0 1x5", 1, None),
     ("WatcherQuarantineGrowing", 'watcher_quarantine_files{instance="a"}', "0+1x70", 65, {}),
+    ("WatcherWebhookDeadLetters",
+     'watcher_events_total{instance="a",event="webhook.dead",level="ERROR"}', "0 0 1 1", 3,
+     {"event": "webhook.dead"}),
+    ("WatcherWebhookDeadLetters",
+     'watcher_events_total{instance="a",event="webhook.dead",level="ERROR"}', "0 0 0 0", 3, None),
 ]  # fmt: skip
 
 

@@ -68,6 +68,7 @@ class Claim:
     attempts: int = 0  # scans that failed for a passing cause
     errors: int = 0  # failures to read it (or to deliver it, for a cause bound to the file)
     delivery_failures: int = 0  # a destination refused it, in a row
+    verdict: dict[str, Any] | None = None  # noted before delivery (watcher/recording.py)
 
     @property
     def name(self) -> str:
@@ -111,6 +112,10 @@ class Journal:
     def note(self, claim: Claim, dest: str) -> None:
         with self._lock:
             self._write({"id": claim.id, "dest": dest})
+
+    def note_verdict(self, claim: Claim, verdict: dict[str, Any]) -> None:
+        with self._lock:
+            self._write({"id": claim.id, "verdict": verdict})
 
     def forget(self, claim: Claim) -> None:
         """The claim is settled; its segment goes when nothing in it is outstanding."""
@@ -284,6 +289,12 @@ class Staging:
         claim.dest = os.fspath(dest)
         self.journal.note(claim, claim.dest)
 
+    def note_verdict(self, claim: Claim, verdict: dict[str, Any]) -> None:
+        """Record the verdict before its delivery: a crash after the file arrived but before
+        its record was stored leaves it here for the next start (watcher/recording.py)."""
+        claim.verdict = verdict
+        self.journal.note_verdict(claim, verdict)
+
     def hold(self, claim: Claim) -> Path:
         """Park a claim that policy says to keep (not redone at start-up), with its name."""
         record = {"id": claim.id, "original_path": claim.rel, "claimed_at": claim.claimed_at}
@@ -390,6 +401,8 @@ class Staging:
                 entry = {"rel": f"recovered/{claim_id}", "at": time.time()}
             claim = Claim(claim_id, entry["rel"], self.dir / data, entry["at"])
             self.journal.claim(claim)
+            if isinstance(entry.get("verdict"), dict):
+                self.note_verdict(claim, entry["verdict"])
             if entry.get("dest"):
                 self.note_dest(claim, Path(entry["dest"]))
             try:
@@ -456,7 +469,8 @@ def _move_aside(parent_fd: int, name: str, why: str) -> None:
 
 # -- the journal's format, for readers outside the daemon that writes it --------------------
 # A segment holds one JSON object a line: {"id", "rel", "at"} when a claim is made (its bytes
-# are then <daemon dir>/<id>.data until delivered), {"id", "dest"} before a delivery step.
+# are then <daemon dir>/<id>.data until delivered), {"id", "dest"} before a delivery step,
+# {"id", "verdict"} before the first one (a VerdictRecord as JSON: watcher/recording.py).
 
 
 def journal_segments(staging_root: Path) -> list[Path]:

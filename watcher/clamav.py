@@ -112,38 +112,31 @@ class ClamdScanner:
     def scan_fd(self, fd: int) -> Verdict:
         if self.socket_path is not None and getattr(self._local, "keep", False):
             return self._verdict(lambda: self._scan_in_session(fd))
-        if self.pool is not None:
-            pool = self.pool
-            return self._verdict(
-                lambda: pool.run(
-                    lambda address: clamd_socket.scan_once(
-                        address, fd, self.connect_timeout_s, self.scan_timeout_s
-                    )
-                )
-            )
         return self._verdict(
-            lambda: clamd_socket.scan_once(
-                self.target, fd, self.connect_timeout_s, self.scan_timeout_s
+            lambda: self._once(
+                lambda address: clamd_socket.scan_once(
+                    address, fd, self.connect_timeout_s, self.scan_timeout_s
+                )
             )
         )
 
     def scan_stream(self, chunks: Iterable[bytes]) -> Verdict:
         """Scan bytes that exist only in memory (archive members watcher extracted itself):
         INSTREAM on a connection of its own, over the unix socket or TCP alike."""
-        if self.pool is not None:
-            pool = self.pool  # connect comes before the first chunk: a refusal consumes none
-            return self._verdict(
-                lambda: pool.run(
-                    lambda address: clamd_socket.stream_once(
-                        address, chunks, self.connect_timeout_s, self.scan_timeout_s
-                    )
+        return self._verdict(
+            lambda: self._once(
+                lambda address: clamd_socket.stream_once(
+                    address, chunks, self.connect_timeout_s, self.scan_timeout_s
                 )
             )
-        return self._verdict(
-            lambda: clamd_socket.stream_once(
-                self.target, chunks, self.connect_timeout_s, self.scan_timeout_s
-            )
         )
+
+    def _once(self, exchange: Callable[[Address], str]) -> str:
+        """One exchange with our clamd, or with one endpoint of the pool (connect comes before
+        the first byte: a refused endpoint consumes none of the request)."""
+        if self.pool is not None:
+            return self.pool.run(exchange)
+        return exchange(self.target)
 
     def _verdict(self, exchange: Callable[[], str]) -> Verdict:
         """The verdict of one exchange; `ClamdUnavailable` (from connect) passes through."""

@@ -24,7 +24,7 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from watcher.errors import ClamdUnavailable
@@ -96,16 +96,29 @@ def read_reply(sock: socket.socket) -> str:
     return b"".join(chunks).rstrip(b"\0").decode("utf-8", "replace").strip()
 
 
-def request(address: Address, name: str, connect_timeout_s: float, timeout_s: float) -> str:
-    """One command on a connection of its own (PING, VERSION, ...)."""
+def exchange(
+    address: Address,
+    send: Callable[[socket.socket], None],
+    what: str,
+    connect_timeout_s: float,
+    timeout_s: float,
+) -> str:
+    """One request on a connection of its own: connect, `send`, read the reply, close."""
     sock = connect(address, connect_timeout_s, timeout_s)
     try:
-        send_command(sock, name)
+        send(sock)
         return read_reply(sock)
     except OSError as err:
-        raise Lost(f"{name}: {err}") from err
+        raise Lost(f"{what}: {err}") from err
     finally:
         sock.close()
+
+
+def request(address: Address, name: str, connect_timeout_s: float, timeout_s: float) -> str:
+    """One command (PING, VERSION, ...)."""
+    return exchange(
+        address, lambda sock: send_command(sock, name), name, connect_timeout_s, timeout_s
+    )
 
 
 def ping(address: Address, timeout_s: float) -> str | None:
@@ -146,32 +159,24 @@ def file_chunks(fd: int) -> Iterable[bytes]:
 
 
 def scan_once(address: Address, fd: int, connect_timeout_s: float, timeout_s: float) -> str:
-    """One scan on a connection of its own: FILDES over a unix socket, INSTREAM over TCP."""
-    sock = connect(address, connect_timeout_s, timeout_s)
-    try:
+    """One scan: FILDES over a unix socket, INSTREAM over TCP."""
+
+    def send(sock: socket.socket) -> None:
         if isinstance(address, Path):
             fildes(sock, fd)
         else:
             instream(sock, file_chunks(fd))
-        return read_reply(sock)
-    except OSError as err:
-        raise Lost(f"scan: {err}") from err
-    finally:
-        sock.close()
+
+    return exchange(address, send, "scan", connect_timeout_s, timeout_s)
 
 
 def stream_once(
     address: Address, chunks: Iterable[bytes], connect_timeout_s: float, timeout_s: float
 ) -> str:
-    """INSTREAM of bytes made in memory, on a connection of its own (unix socket or TCP)."""
-    sock = connect(address, connect_timeout_s, timeout_s)
-    try:
-        instream(sock, chunks)
-        return read_reply(sock)
-    except OSError as err:
-        raise Lost(f"INSTREAM: {err}") from err
-    finally:
-        sock.close()
+    """INSTREAM of bytes made in memory (unix socket or TCP)."""
+    return exchange(
+        address, lambda sock: instream(sock, chunks), "INSTREAM", connect_timeout_s, timeout_s
+    )
 
 
 class Session:

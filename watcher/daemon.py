@@ -34,6 +34,7 @@ from watcher.intake import Intake
 from watcher.leases import LeaseKeeper, renew_interval_s
 from watcher.logs import emit
 from watcher.pipeline import Pipeline, PipelineConfig, Result, RetryCause
+from watcher.recording import recorder_from_settings
 from watcher.settings import Settings, check_disjoint
 from watcher.verdict import Outcome
 
@@ -201,7 +202,11 @@ class Daemon:
             on_orphans=self._adopt_orphans,
             on_lost=self._lease_lost,
         )
-        self.deliverer = Deliverer(settings.processed_dir, settings.quarantine_dir, self.staging)
+        self.recorder = recorder_from_settings(settings)  # the verdict store: recording.py
+        settle = self.recorder.settle if self.recorder.store is not None else None
+        self.deliverer = Deliverer(
+            settings.processed_dir, settings.quarantine_dir, self.staging, settle
+        )
         self.allowlist = Allowlist(settings.state_dir / "allowlist")
         self.inspector = inspector_from_settings(settings, self.scanner)
         self.pipeline = Pipeline(
@@ -260,7 +265,7 @@ class Daemon:
         self._count_lock = threading.Lock()
         self._workers: list[threading.Thread] = []
         self._waiting_for_space: dict[Path | None, set[str]] = {}  # destination → claim ids
-        self._listeners: list[Callable[[Result], None]] = []
+        self._listeners: list[Callable[[Result], None]] = [self.recorder.record_result]
         self._drained: int | None = None  # workers left unfinished by `drain`
         self._closed = False
 
@@ -275,6 +280,7 @@ class Daemon:
         check_disjoint(s)  # before anything is made or moved
         ignore_lease_breaks()
         s.uploads_dir.mkdir(parents=True, exist_ok=True)
+        self.recorder.open()  # before any claim can be settled
         self.deliverer.start()
         self.staging.open()
         self.lease_keeper.start()
@@ -331,6 +337,7 @@ class Daemon:
         self._closed = True
         self.lease_keeper.stop()
         self.staging.close()
+        self.recorder.close()
         emit("watcher.stopped", unfinished=unfinished)
 
     # -- what the operations surface reads (watcher/ops/state.py) ------------------------

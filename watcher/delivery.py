@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from watcher import provenance
 from watcher.claims import Claim, Staging
 from watcher.fsops import (
     make_dirs_beneath,
@@ -40,14 +41,24 @@ from watcher.logs import emit
 QUARANTINE_FILE_MODE = 0o400
 COMMIT_GATHER_S = 0.01
 COMMIT_BATCH_MAX = 256
+SETTLE_RETRY_S = 1.0
+
+
+Settle = Callable[[list[Claim]], None]
 
 
 class Deliverer:
-    def __init__(self, processed_dir: Path, quarantine_dir: Path, staging: Staging) -> None:
+    def __init__(
+        self,
+        processed_dir: Path,
+        quarantine_dir: Path,
+        staging: Staging,
+        settle: Settle | None = None,
+    ) -> None:
         self.processed_dir = processed_dir
         self.quarantine_dir = quarantine_dir
         self.staging = staging
-        self.committer = Committer(staging)
+        self.committer = Committer(staging, settle)
         # The per-file path work is done on str: pathlib's objects showed as a sixth of the
         # daemon's Python time in the bench's profile.
         self._processed = str(processed_dir)
@@ -57,6 +68,7 @@ class Deliverer:
         self.processed_dir.mkdir(parents=True, exist_ok=True)
         self.quarantine_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.quarantine_dir, 0o700)
+        provenance.forget_reports()
         self.committer.start()
 
     def close(self) -> None:
@@ -73,6 +85,8 @@ class Deliverer:
         """
         parts = split_rel(claim.rel)
         mode = os.fstat(fd).st_mode & 0o777
+        if claim.verdict is not None:
+            provenance.stamp(fd, claim.verdict)  # on the inode, before it is visible
         try:
             for attempt in range(2):
                 root = open_root(self._processed)
@@ -122,6 +136,7 @@ class Deliverer:
                 self.staging.note_dest(claim, os.path.join(self._quarantine, claim.id))
                 rename_noreplace(self.staging.dir_fd, claim.name, qdir, claim.id)
                 os.fsync(qdir)
+                self.committer.settle_now(claim)
                 self.staging.drop(claim)
                 os.close(qdir)
                 return self.quarantine_dir / claim.id
@@ -146,7 +161,14 @@ class Deliverer:
             (dest.parent / _tmp_name(claim)).unlink(missing_ok=True)
         if not os.path.lexists(dest) or not self._same_content(claim, dest):
             return None
-        self.staging.drop(claim)
+        if claim.verdict is None:  # nothing to record (a journal from before the store)
+            self.staging.drop(claim)
+            return dest
+        try:  # settled like a fresh delivery: its record first, then its staging name goes
+            self.committer.submit(claim, open_root(dest.parent))
+        except OSError:
+            self.committer.settle_now(claim)
+            self.staging.drop(claim)
         return dest
 
     def _place(
@@ -199,10 +221,12 @@ class Committer:
     file went into.
     """
 
-    def __init__(self, staging: Staging) -> None:
+    def __init__(self, staging: Staging, settle: Settle | None = None) -> None:
         self._staging = staging
+        self._settle = settle  # records the verdicts (watcher/recording.py) before the drop
         self._cond = threading.Condition()
         self._pending: list[tuple[Claim, int]] = []
+        self._unsettled: list[Claim] = []  # durable, but their records could not be written
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -228,13 +252,24 @@ class Committer:
         if self._thread is not None:
             self._thread.join()
 
+    def settle_now(self, claim: Claim) -> None:
+        """Record one claim's verdict at once (a delivery the committer does not see)."""
+        if self._settle is not None and claim.verdict is not None:
+            try:
+                self._settle([claim])
+            except Exception as err:
+                emit("store.write_failed", count=1, reason=str(err))
+
     def _run(self) -> None:
         while True:
             with self._cond:
                 while not self._pending and not self._stopping:
+                    if self._unsettled:  # the store failed: try again in a moment
+                        self._cond.wait(SETTLE_RETRY_S)
+                        break
                     self._cond.wait()
-                if not self._pending:
-                    return
+                if not self._pending and (self._stopping or not self._unsettled):
+                    return  # claims left unsettled stay in staging: the next start settles them
                 # Deliveries that finish within the next few ms share the batch's fsyncs
                 # (each one a journal commit). Nobody waits for this: the file is already
                 # in its destination; only its staging name stays a little longer.
@@ -249,6 +284,7 @@ class Committer:
 
     def _commit(self, batch: list[tuple[Claim, int]]) -> None:
         synced: dict[tuple[int, int], bool] = {}
+        durable, self._unsettled = self._unsettled, []
         try:
             for claim, dir_fd in batch:
                 try:
@@ -260,13 +296,22 @@ class Committer:
                 except OSError as err:  # the claim stays; the next start finishes it
                     emit("commit.failed", path=claim.rel, reason=str(err))
                     continue
-                try:
-                    self._staging.drop(claim)
-                except OSError as err:  # the claim stays; the next start finishes it
-                    emit("commit.failed", path=claim.rel, reason=str(err))
+                durable.append(claim)
         finally:
             for _, dir_fd in batch:
                 os.close(dir_fd)
+        if durable and self._settle is not None:
+            try:
+                self._settle(durable)
+            except Exception as err:  # no record, no drop: kept, and tried again
+                emit("store.write_failed", count=len(durable), reason=str(err))
+                self._unsettled = durable
+                return
+        for claim in durable:
+            try:
+                self._staging.drop(claim)
+            except OSError as err:  # the claim stays; the next start finishes it
+                emit("commit.failed", path=claim.rel, reason=str(err))
 
 
 def _tmp_name(claim: Claim) -> str:

@@ -6,8 +6,9 @@ WatcherError
 ├── StorageError         a delivery to a destination (processed, quarantine) failed: files wait
 │   ├── StorageFull      ENOSPC / EDQUOT on a destination (transient: wait for space)
 │   └── LeaseLost        our staging lease is not fresh: no delivery until it is (leases.py)
-└── QuarantineError      a quarantine entry cannot be restored or deleted (refused, damaged)
-    └── EntryNotFound    no quarantine entry with that id
+├── QuarantineError      a quarantine entry cannot be restored or deleted (refused, damaged)
+│   └── EntryNotFound    no quarantine entry with that id
+└── StoreUnavailable     the verdict store cannot take a write now (locked, full, gone): retry
 """
 
 from __future__ import annotations
@@ -51,3 +52,8 @@ class QuarantineError(WatcherError):
 
 class EntryNotFound(QuarantineError):
     """No quarantine entry with that id."""
+
+
+class StoreUnavailable(WatcherError):
+    """The verdict store cannot take a write now (locked past its timeout, its disk full, its
+    connection gone); the same write may succeed later."""

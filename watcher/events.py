@@ -327,6 +327,24 @@ CATALOG: dict[str, Event] = {
         "exception",
         "a listener of final results (metrics, verdicts, delivery log) raised",
     ),
+    "notify.failed": Event(
+        "WARNING",
+        "an operator notification could not be sent",
+        "events, reason",
+        "Apprise could not send a notification (`WATCHER_NOTIFY_URLS`) to any of its URLs; its events are not sent again",
+    ),
+    "notify.sent": Event(
+        "INFO",
+        "operator notification sent",
+        "events, counts",
+        "one Apprise message summed up `events` events (`counts` by kind)",
+    ),
+    "provenance.skipped": Event(
+        "INFO",
+        "provenance attributes not set: the filesystem or permissions do not allow them",
+        "reason",
+        "user extended attributes could not be set on a delivered file (unsupported, or not permitted); once per reason, the delivery goes on",
+    ),
     "quarantine.deleted": Event(
         "INFO",
         "deleted from quarantine",
@@ -366,6 +384,12 @@ CATALOG: dict[str, Event] = {
         "clamd unavailable: rescan postponed",
         "reason",
         "clamd unreachable: retried at the next tick",
+    ),
+    "store.write_failed": Event(
+        "ERROR",
+        "the verdict store refused a write: the files' claims wait",
+        "count, reason, path (when one record could never be written)",
+        "records could not be written to the verdict store; the delivered files keep their claims (retried each second, or settled at the next start). With `path`: that one record cannot be stored at all (a bug: report it); its file is delivered without it",
     ),
     "staging.adopted": Event(
         "INFO",
@@ -409,6 +433,12 @@ CATALOG: dict[str, Event] = {
         "dest",
         "the last file that waited for space there is delivered",
     ),
+    "verdicts.pruned": Event(
+        "INFO",
+        "verdict store retention applied",
+        "deleted, max_age_s, max_records",
+        "the `prune-verdicts` job deleted records past WATCHER_VERDICT_RETENTION or WATCHER_VERDICT_MAX_RECORDS",
+    ),
     "watcher.ready": Event(
         "INFO",
         "ready: watching for uploads",
@@ -429,6 +459,31 @@ CATALOG: dict[str, Event] = {
         "index, exit_code",
         "a scan process (WATCHER_PROCESSES > 1) exited unexpectedly; it is started again with backoff (1 s ... 30 s), and its claims are finished by whoever adopts them",
         alerted=True,
+    ),
+    "webhook.dead": Event(
+        "ERROR",
+        "a webhook event was given up: dead letter",
+        "id, target, url, attempts, error",
+        "an event failed `WATCHER_WEBHOOK_MAX_ATTEMPTS` times; it stays in the store's outbox as a dead letter",
+        alerted=True,
+    ),
+    "webhook.error": Event(
+        "ERROR",
+        "the webhook sender failed: it tries again in a few seconds",
+        "exception",
+        "the webhook sender's loop raised (the verdict store busy or failing); events wait in the outbox",
+    ),
+    "webhook.receiver_down": Event(
+        "WARNING",
+        "a webhook receiver fails: its events wait and are retried",
+        "target, url, reason",
+        "a webhook URL refused or failed a delivery (once per run of failures); events wait in the outbox",
+    ),
+    "webhook.receiver_up": Event(
+        "INFO",
+        "a webhook receiver accepts events again",
+        "target, url, down_s",
+        "the first delivery after `webhook.receiver_down` succeeded",
     ),
     "worker.error": Event(
         "ERROR",

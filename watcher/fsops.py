@@ -22,6 +22,7 @@ import stat
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+from watcher import provenance
 from watcher.errors import StorageError, StorageFull
 
 _RENAME_NOREPLACE = 1
@@ -227,6 +228,7 @@ def copy_to_new_file(src_fd: int, dir_fd: int, name: str, mode: int = 0o600) -> 
     try:
         copy_sparse(src_fd, out)
         os.fchmod(out, mode)  # the umask may have taken bits away
+        provenance.copy(src_fd, out)  # a delivered copy keeps its user.watcher.* attributes
         os.fsync(out)
     except BaseException:
         os.close(out)

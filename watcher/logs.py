@@ -12,7 +12,7 @@ import logging
 import sys
 import traceback
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC
 from typing import Any, TextIO
 
@@ -95,12 +95,29 @@ def configure_logging(fmt: str = "json", level: str = "INFO", stream: TextIO | N
 # Who else hears of each event (at INFO and above): metrics count them by name and level.
 # Called in the emitting thread, after the line is written; must be cheap and never raise.
 _observers: list[Callable[[str, str], None]] = []
+_watchers: dict[str, list[Callable[[str, dict[str, Any]], None]]] = {}  # by event name
 
 
 def observe_events(observer: Callable[[str, str], None]) -> Callable[[], None]:
     """Call `observer(event, level)` for every event from now on; returns the way to stop."""
     _observers.append(observer)
     return lambda: _observers.remove(observer)
+
+
+def watch_events(
+    names: Iterable[str], watcher: Callable[[str, dict[str, Any]], None]
+) -> Callable[[], None]:
+    """Call `watcher(event, fields)` for each of these events from now on (on the emitting
+    thread: it must be quick); returns the way to stop."""
+    wanted = list(names)
+    for name in wanted:
+        _watchers.setdefault(name, []).append(watcher)
+
+    def stop() -> None:
+        for name in wanted:
+            _watchers[name].remove(watcher)
+
+    return stop
 
 
 def notify_observers(name: str, level: str, count: int = 1) -> None:
@@ -124,6 +141,8 @@ def emit(name: str, /, *, exception: BaseException | bool | None = None, **field
     if spec.level != "DEBUG":
         for observer in _observers:
             observer(name, spec.level)
+    for watcher in _watchers.get(name, ()):
+        watcher(name, fields)
 
 
 class LogBudget:

@@ -36,6 +36,7 @@ from watcher.fsops import (
 )
 from watcher.logs import emit
 from watcher.quarantine import new_record
+from watcher.recording import verdict_note
 from watcher.verdict import Cause, Clean, Infected, NotScanned, Outcome, Verdict
 
 _MAX_RESCANS = 3
@@ -213,6 +214,7 @@ class Pipeline:
             return self._unscannable(claim, upload.fd, st.st_size, None, reason, "limits")
         if not self.config.scanning_enabled:
             sha = sha256_fd(upload.fd)
+            self._note_verdict(claim, Outcome.UNSCANNED, st.st_size, sha)
             dest = self.deliverer.to_processed(claim, upload.fd)
             emit("file.unscanned", path=claim.rel, dest=str(dest), size=st.st_size, sha256=sha)
             return Result(Outcome.UNSCANNED, claim.rel, dest=dest, size=st.st_size, sha256=sha)
@@ -307,6 +309,8 @@ class Pipeline:
         def nobody_asked_to_write() -> bool:
             return not (upload.leased and lease_broken(upload.fd))
 
+        outcome = Outcome.CLEAN if allowlisted_signature is None else Outcome.ALLOWLISTED
+        self._note_verdict(claim, outcome, size, sha, signature=allowlisted_signature)
         dest = self.deliverer.to_processed(claim, upload.fd, confirm=nobody_asked_to_write)
         if dest is None:
             return None
@@ -329,6 +333,7 @@ class Pipeline:
 
     def _quarantine(self, claim: Claim, fd: int, size: int, sha: str, signature: str) -> Result:
         meta = self._record(claim, Outcome.INFECTED, size, sha, signature=signature)
+        self._note_verdict(claim, Outcome.INFECTED, size, sha, signature=signature)
         dest = self.deliverer.to_quarantine(claim, fd, meta)
         emit(
             "file.infected",
@@ -367,6 +372,7 @@ class Pipeline:
         held = self.config.unscannable_policy == "hold"
         if not held:
             meta = self._record(claim, Outcome.UNSCANNABLE, size, sha, reason=reason, cause=cause)
+            self._note_verdict(claim, Outcome.UNSCANNABLE, size, sha, reason=reason, cause=cause)
             try:
                 dest = self.deliverer.to_quarantine(claim, fd, meta)
             except OSError as err:  # unreadable, and the quarantine is on another filesystem
@@ -376,18 +382,10 @@ class Pipeline:
         if held:
             dest = self.staging.hold(claim)
             emit("file.unscannable", action="held", dest=str(dest), **fields)
-            return Result(
-                Outcome.HELD,
-                claim.rel,
-                dest=dest,
-                size=size,
-                sha256=sha,
-                reason=reason,
-                cause=cause,
-            )
-        emit("file.unscannable", action="quarantined", id=claim.id, dest=str(dest), **fields)
+        else:
+            emit("file.unscannable", action="quarantined", id=claim.id, dest=str(dest), **fields)
         return Result(
-            Outcome.UNSCANNABLE,
+            Outcome.HELD if held else Outcome.UNSCANNABLE,
             claim.rel,
             dest=dest,
             size=size,
@@ -478,6 +476,14 @@ class Pipeline:
             claimed_at=claimed_at,
             **known,
         )
+
+    def _note_verdict(
+        self, claim: Claim, outcome: Outcome, size: int | None, sha: str | None, **known: Any
+    ) -> None:
+        """Into the claim's journal before the delivery: see watcher/recording.py."""
+        definitions = self._version() if self.config.scanning_enabled else None
+        note = verdict_note(claim, outcome, size, sha, definitions, **known)
+        self.staging.note_verdict(claim, note)
 
     def forget_clamd_version(self) -> None:
         """clamd loaded new definitions: the next quarantine record asks VERSION again."""

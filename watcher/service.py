@@ -5,10 +5,12 @@ operations surface (watcher/ops/): they are built here, on the daemon's state an
 hooks. Start and stop order:
 
 - start: take the HTTP port (a taken WATCHER_HTTP_ADDR fails before any file is claimed), the
-  daemon, the jobs, then the HTTP server, metrics and heartbeat;
+  notifier's log sink, the daemon (which opens the verdict store), the jobs, then the HTTP
+  server, metrics and heartbeat, then the webhook sender;
 - stop: drain the daemon (intake stops, in-flight scans finish within the grace time), stop
   the jobs within what is left of it, close the delivery log unless a worker may still write
-  it, then the operations surface, then the daemon's staging directory.
+  it, then the operations surface, the webhook sender and notifier (what is gathered is sent),
+  then the daemon's staging directory and verdict store.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from watcher.jobs import Jobs
 from watcher.ops import Operations
 from watcher.pipeline import Result
 from watcher.processes import ScanProcesses, auto_count
+from watcher.push import Push
 from watcher.settings import Settings
 
 
@@ -41,17 +44,28 @@ class Service:
             self.daemon.definitions,
             on_reloaded=self._definitions_reloaded,
             allowlisted=self.daemon.allowlist.contains,
+            recorder=self.daemon.recorder,
         )
         self.daemon.add_listener(self.jobs.deliveries.record)
-        self.ops = Operations(settings, AllProcesses(self.daemon, self.processes), self.jobs.status)
+        self.ops = Operations(
+            settings,
+            AllProcesses(self.daemon, self.processes),
+            self.jobs.status,
+            self.daemon.recorder,
+        )
+        self.push = Push(settings, self.daemon.recorder)
+        if self.push.notifier is not None:  # every process's results are published here
+            self.daemon.add_listener(self.push.notifier.observe_result)
         self._closed = False
 
     def start(self) -> None:
         self.ops.bind()
+        self.push.start_notifier()
         self.daemon.start()
         self.processes.start()
         self.jobs.start()
         self.ops.start()
+        self.push.start()
 
     def _definitions_reloaded(self) -> None:
         self.daemon.definitions_reloaded()
@@ -71,6 +85,7 @@ class Service:
         if not unfinished:  # a worker still running may yet record a delivery
             self.jobs.deliveries.close()
         self.ops.close()
+        self.push.close()
         self.daemon.close()
 
     def run(self) -> int:

@@ -12,8 +12,17 @@ import shlex
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, BeforeValidator, Field, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    BeforeValidator,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -24,6 +33,7 @@ from pydantic_settings import (
 
 from watcher.endpoints import parse_hosts
 from watcher.errors import ConfigError
+from watcher.verdict import VERDICT_WORDS
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -167,12 +177,7 @@ class Settings(BaseSettings):
     @field_validator("ignore_patterns", mode="before")
     @classmethod
     def _split_patterns(cls, value: Any) -> Any:
-        # From the environment: a JSON list or comma-separated globs. From TOML: a list.
-        if isinstance(value, str):
-            if value.lstrip().startswith("["):
-                return json.loads(value)
-            return tuple(p.strip() for p in value.split(",") if p.strip())
-        return value
+        return _split(value)
 
     @classmethod
     def settings_customise_sources(
@@ -204,6 +209,66 @@ class Settings(BaseSettings):
     quarantine_retention: LongSeconds = 30 * 86400.0
     quarantine_max_bytes: Bytes | None = None  # None: no size cap, only the retention
 
+    # The verdict store (watcher/store/), webhooks and notifications (watcher/push/).
+    verdict_store: Literal["sqlite", "off"] = "sqlite"  # <state_dir>/verdicts.sqlite3
+    verdict_retention: LongSeconds = 90 * 86400.0
+    verdict_max_records: int = Field(10_000_000, ge=1000, le=1_000_000_000)
+    webhook_url: Annotated[tuple[str, ...], NoDecode] = ()  # one or more http(s) URLs
+    webhook_secret: SecretStr | None = None
+    webhook_secret_file: Path | None = None
+    webhook_verdicts: Annotated[tuple[str, ...], NoDecode] = VERDICT_WORDS
+    webhook_max_attempts: int = Field(20, ge=1, le=1000)  # then a dead letter
+    webhook_max_backoff_s: Seconds = 3600.0  # retries wait 1 s, 2 s, 4 s ... up to this
+    webhook_timeout_s: Seconds = Field(10.0, le=300)
+    notify_urls: Annotated[tuple[str, ...], NoDecode] = ()  # Apprise URLs
+    notify_batch_s: Seconds = 60.0  # events gathered into one message; at most one per this
+
+    @field_validator("webhook_url", "webhook_verdicts", "notify_urls", mode="before")
+    @classmethod
+    def _split_list(cls, value: Any) -> Any:
+        return _split(value)
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _check_webhook_urls(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for url in value:
+            parsed = urlsplit(url)
+            if parsed.scheme not in ("http", "https") or not parsed.hostname:
+                raise ValueError(f"not an http(s) URL: {url!r}")
+        return value
+
+    @field_validator("webhook_verdicts")
+    @classmethod
+    def _check_verdicts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = set(value) - set(VERDICT_WORDS)
+        if unknown:
+            raise ValueError(f"unknown verdicts {sorted(unknown)}: use {', '.join(VERDICT_WORDS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_webhooks(self) -> Settings:
+        if self.webhook_url and self.verdict_store == "off":
+            raise ValueError("WATCHER_WEBHOOK_URL needs the verdict store (its outbox)")
+        if self.webhook_url and self.webhook_secret is None and self.webhook_secret_file is None:
+            raise ValueError(
+                "WATCHER_WEBHOOK_URL needs WATCHER_WEBHOOK_SECRET or WATCHER_WEBHOOK_SECRET_FILE"
+            )
+        return self
+
+    def webhook_key(self) -> bytes:
+        """The webhook signing secret (read from its file at each start)."""
+        if self.webhook_secret is not None:
+            return self.webhook_secret.get_secret_value().encode()
+        if self.webhook_secret_file is None:
+            raise ConfigError("no webhook secret")
+        try:
+            secret = self.webhook_secret_file.read_bytes().strip()
+        except OSError as err:
+            raise ConfigError(f"WATCHER_WEBHOOK_SECRET_FILE: {err.strerror}") from err
+        if not secret:
+            raise ConfigError("WATCHER_WEBHOOK_SECRET_FILE: the file is empty")
+        return secret
+
     @field_validator("update_command")
     @classmethod
     def _split_command(cls, value: str) -> str:
@@ -214,6 +279,15 @@ class Settings(BaseSettings):
     def update_argv(self) -> list[str]:
         """The update command split shell-style; it is never run through a shell."""
         return shlex.split(self.update_command)
+
+
+def _split(value: Any) -> Any:
+    """A list from the environment: a JSON list, or comma-separated. From TOML: a list."""
+    if isinstance(value, str):
+        if value.lstrip().startswith("["):
+            return json.loads(value)
+        return tuple(p.strip() for p in value.split(",") if p.strip())
+    return value
 
 
 def load_settings(**overrides: Any) -> Settings:

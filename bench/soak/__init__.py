@@ -9,6 +9,8 @@ Run it as ``python -m soak`` from bench/ (the Makefile does). The parts:
 - `soak.daemons`: the `watcher run` processes under test and their merged log;
 - `soak.verify`: where every upload ended, against where it must be;
 - `soak.report`: the table, from the figures measured (plain data).
+- `soak.webhooks`: the app's webhook receiver in the loop (taken down twice), and which
+  uploads' verdicts never reached it.
 """
 
 import benchlib  # noqa: F401 (first: puts tests/ on sys.path, for the harness)

@@ -27,6 +27,7 @@ class Figures:
     notes: list[str]
     found: Findings  # the end state, checked (soak.verify)
     rss: dict[str, float]  # MB: first, last_start, end, peak; and last_lived_s
+    webhooks: dict[str, int] | None = None  # soak.webhooks: uploads, ids, received, ... lost
 
 
 def report(figures: Figures) -> None:
@@ -35,6 +36,18 @@ def report(figures: Figures) -> None:
     count = Counter(kind for kind, _ in problems)
     rows = _files(figures.uploads, found, count) + _faults(figures.episodes)
     rows += _delays(figures.uploads, figures.delivered_at)
+    if figures.webhooks is not None:
+        w = figures.webhooks
+        rows.append(
+            (
+                "webhook events: uploads / distinct ids / POSTs (again by id; refused)",
+                f"{w['uploads']:,} / {w['ids']:,} / {w['received']:,} "
+                f"({w['repeated']:,}; {w['refused']:,})",
+            )
+        )
+        rows.append(
+            ("webhook events lost (an upload whose verdict was never pushed)", str(w["lost"]))
+        )
     rows.append(
         (
             "RSS: first daemon / last daemon start → end (peak of all)",

@@ -5,9 +5,11 @@ clean and infected files with awkward names arrives, and faults are injected at 
 SIGKILL of the daemon then a restart (20 or more), clamd stopped and started again, clamd frozen
 with SIGSTOP for longer than the scan timeout, the processed filesystem full (a small tmpfs made
 for the run, filled with a ballast file), a second daemon on the same directories, and a burst of
-20,000 files past inotify's queue. Then the stream stops, the daemon drains and stops cleanly,
-and the end state is checked (soak.verify). Prints a table; exits 1 on any loss, duplicate,
-leftover or failed check, 2 when it cannot run (not root, no clamd). See docs/soak.md.
+20,000 files past inotify's queue; the app's webhook receiver (soak.webhooks) is taken down
+twice. Then the stream stops, the daemon drains, the last webhook events arrive, it stops
+cleanly, and the end state is checked (soak.verify) with every verdict pushed. Prints a
+table; exits 1 on any loss, duplicate, leftover or failed check, 2 when it cannot run (not
+root, no clamd). See docs/soak.md.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from soak.daemons import EventLog, Instance
 from soak.report import Figures, report
 from soak.schedule import BURST_FILES, SCAN_TIMEOUT_S, Action, Episode, build_schedule
 from soak.verify import verify
+from soak.webhooks import WebhookReceiver
 from watcher.claims import claimed_files
 
 TMPFS_SIZE = "512m"
@@ -44,6 +47,7 @@ DRAIN_TIMEOUT_S = 300.0
 READY_TIMEOUT_S = 60.0
 RSS_GROWTH_LIMIT_MB = 25.0
 RESUME_WITHIN_S = 60.0  # held files are retried after 5 s, behind whatever was queued before
+WEBHOOKS_TIMEOUT_S = 180.0  # after the drain: the outbox's last events reach the receiver
 DELIVERED = ("file.clean", "file.renamed", "file.infected", "file.unscannable", "file.recovered")
 
 
@@ -82,6 +86,8 @@ class Soak:
         self.mounted = False
         self.t0 = time.time()
         self.burst_src: list[tuple[Upload, bytes]] = []
+        self.webhooks = WebhookReceiver()
+        self.webhook_notes: list[str] = []
 
     # -- output ------------------------------------------------------------------------
 
@@ -113,6 +119,7 @@ class Soak:
         self.mounted = True
         assert os.stat(self.fs).st_dev != os.stat(self.uploads_dir).st_dev
         self.clamd = Clamd(self.base / "clamd", max_threads=4).start()
+        self.webhooks.start()
         self.burst_src = self.corpus.burst(BURST_FILES)
         src = self.base / "burst-src"
         src.mkdir()
@@ -132,6 +139,7 @@ class Soak:
             WATCHER_HTTP_ADDR="off",  # two daemons at once; the HTTP surface is not under test
             WATCHER_DEFINITIONS_DIR=str(self.clamd.db),
             WATCHER_LOG_LEVEL="INFO",
+            **self.webhooks.env(),
         )
 
     def start_daemon(self, role: str) -> Instance:
@@ -149,6 +157,7 @@ class Soak:
                 inst.kill()
         if self.clamd is not None:
             self.clamd.stop()
+        self.webhooks.stop()
         if self.mounted:
             if keep:
                 shutil.copytree(self.processed, self.base / "processed-copy", symlinks=True)
@@ -398,6 +407,17 @@ class Soak:
         threading.Thread(target=self.sample_rss, daemon=True).start()
         producer = threading.Thread(target=self.stream, daemon=True)
         producer.start()
+        outages = threading.Thread(
+            target=lambda: self.webhook_notes.extend(
+                self.webhooks.outages(
+                    random.Random(self.seed + 2),  # noqa: S311 - a reproducible schedule
+                    self.window_s,
+                    self.done,
+                )
+            ),
+            daemon=True,
+        )
+        outages.start()
         try:
             self.run_schedule(schedule)
         finally:
@@ -406,6 +426,9 @@ class Soak:
             self.restore()
         self.say(f"stream stopped after {len(self.uploads):,} uploads; draining")
         drain_s = self.drain()
+        outages.join(timeout=60)
+        waited_s = self.webhooks.wait_complete(self.uploads, WEBHOOKS_TIMEOUT_S)
+        self.say(f"webhooks: every verdict pushed {waited_s:.1f}s after the drain, or none missing")
         assert self.primary is not None
         last = self.primary
         rc = last.terminate()
@@ -417,6 +440,7 @@ class Soak:
         self.check_episodes()
         self.check_logs()
         rss = self.check_rss(last)
+        webhooks = self.check_webhooks()
         figures = Figures(
             seed=self.seed,
             minutes=self.minutes,
@@ -427,6 +451,7 @@ class Soak:
             notes=self.notes,
             found=found,
             rss=rss,
+            webhooks=webhooks,
         )
         report(figures)
         return 1 if self.problems or found.problems else 0
@@ -441,6 +466,22 @@ class Soak:
             self.ballast.unlink()
         if self.peer is not None and self.peer.alive:
             self.peer.terminate()
+
+    def check_webhooks(self) -> dict[str, int]:
+        """Every upload's verdict pushed to the receiver (by idempotency key, at least once)."""
+        lost = self.webhooks.missing(self.uploads)
+        for upload in lost[:50]:
+            self.problem("webhook", f"no event for #{upload.seq} {upload.kind} {upload.rel!r}")
+        self.notes.extend(self.webhook_notes)
+        counts = self.webhooks.counts
+        return {
+            "uploads": len(self.uploads),
+            "ids": len(self.webhooks.events),
+            "received": counts["received"],
+            "repeated": counts["repeated"],
+            "refused": counts["refused"],
+            "lost": len(lost),
+        }
 
     # -- checks on the log -------------------------------------------------------------
 

@@ -4,6 +4,15 @@
 //   GET  /files/<id>/verdict                    -> the verdict (pending, clean, infected, ...)
 //   GET  /files/<id>                            -> the bytes, only once delivered to processed
 //   GET  /healthz                               -> 200, with the scanner's readiness (its /readyz)
+//   POST /webhooks/watcher                      -> the watcher's signed verdict events (be told)
+//
+// Two ways to learn a verdict: wait on the watcher's API (GET /v1/files/<path>?wait=N, as the
+// upload handler does), or be told: with WATCHER_WEBHOOK_URL=http://app:3000/webhooks/watcher
+// and the same secret on both sides (WATCHER_WEBHOOK_SECRET), the watcher POSTs each verdict.
+// Each event is checked here: HMAC-SHA256 over "<timestamp>.<raw body>" (header
+// watcher-signature: v1=<hex>), a timestamp within WEBHOOK_TOLERANCE_S of our clock (an old
+// request replayed is refused), and its id not seen before (a redelivery or a replay within the
+// window is acknowledged, not processed twice).
 //
 // The app writes into the shared `uploads` volume under a temporary name the watcher ignores
 // (".<name>.part"), then renames it: the watcher only ever sees complete files. It serves files
@@ -28,7 +37,14 @@ const VERDICT_WAIT_S = Number(process.env.VERDICT_WAIT_S || 30);
 // Keep in step with clamd's MaxFileSize/StreamMaxLength (docker/clamav/clamd.conf).
 const MAX_UPLOAD_BYTES = Number(process.env.MAX_UPLOAD_BYTES || 100 * 1024 * 1024);
 
+const WEBHOOK_SECRET = process.env.WATCHER_WEBHOOK_SECRET || '';
+const WEBHOOK_TOLERANCE_S = Number(process.env.WEBHOOK_TOLERANCE_S || 300);
+const WEBHOOK_MAX_BYTES = 1024 * 1024;
+
 const ID_RE = /^[0-9a-f]{16}-[A-Za-z0-9._-]{1,100}$/;
+// Verdicts the watcher pushed, by upload path; event ids already processed, with their time.
+const pushed = new Map();
+const seenEvents = new Map();
 
 function log(event, fields = {}) {
   process.stdout.write(JSON.stringify({ time: new Date().toISOString(), event, ...fields }) + '\n');
@@ -100,6 +116,69 @@ async function handleUpload(req, res, url) {
   send(res, status, { id, size, verdict: v });
 }
 
+// Verify one webhook request; returns the event, or an HTTP status and reason to refuse it.
+function verifyWebhook(headers, raw, nowS) {
+  if (!WEBHOOK_SECRET) return { status: 503, reason: 'webhooks not configured (WATCHER_WEBHOOK_SECRET)' };
+  const timestamp = Number(headers['watcher-timestamp']);
+  if (!Number.isInteger(timestamp)) return { status: 401, reason: 'no timestamp' };
+  if (Math.abs(nowS - timestamp) > WEBHOOK_TOLERANCE_S) return { status: 401, reason: 'timestamp outside the window' };
+  const mac = crypto.createHmac('sha256', WEBHOOK_SECRET).update(`${timestamp}.`).update(raw).digest('hex');
+  const expected = Buffer.from(`v1=${mac}`);
+  const given = Buffer.from(String(headers['watcher-signature'] || ''));
+  if (given.length !== expected.length || !crypto.timingSafeEqual(given, expected)) {
+    return { status: 401, reason: 'bad signature' };
+  }
+  let event;
+  try {
+    event = JSON.parse(raw.toString('utf8'));
+  } catch {
+    return { status: 400, reason: 'not JSON' };
+  }
+  if (!event || typeof event.id !== 'string' || event.id !== headers['watcher-event-id'] || !event.file) {
+    return { status: 400, reason: 'not a watcher event' };
+  }
+  return { event };
+}
+
+async function readBody(req, limit) {
+  const chunks = [];
+  let size = 0;
+  for await (const chunk of req) {
+    size += chunk.length;
+    if (size > limit) throw Object.assign(new Error('too large'), { code: 'E2BIG' });
+    chunks.push(chunk);
+  }
+  return Buffer.concat(chunks);
+}
+
+async function handleWebhook(req, res) {
+  let raw;
+  try {
+    raw = await readBody(req, WEBHOOK_MAX_BYTES);
+  } catch (err) {
+    if (err.code === 'E2BIG') return send(res, 413, { error: 'too large' });
+    throw err;
+  }
+  const nowS = Math.floor(Date.now() / 1000);
+  const { event, status, reason } = verifyWebhook(req.headers, raw, nowS);
+  if (!event) {
+    log('webhook.refused', { status, reason });
+    return send(res, status, { error: reason });
+  }
+  // Ids are remembered for twice the window: anything older is refused by its timestamp.
+  for (const [id, at] of seenEvents) if (nowS - at > 2 * WEBHOOK_TOLERANCE_S) seenEvents.delete(id);
+  if (seenEvents.has(event.id)) {
+    log('webhook.duplicate', { id: event.id });
+    return send(res, 200, { duplicate: true });
+  }
+  seenEvents.set(event.id, nowS);
+  const file = event.file;
+  pushed.set(file.path, { source: 'webhook', ...file });
+  // Here the app would act: mark the upload usable (clean) or tell its user (infected, ...).
+  log('webhook.verdict', { id: event.id, type: event.type, path: file.path, state: file.state });
+  send(res, 200, { ok: true });
+}
+
 async function handleDownload(res, id) {
   const file = path.join(PROCESSED_DIR, id);
   const stat = await fsp.stat(file).catch(() => null);
@@ -145,6 +224,7 @@ const server = http.createServer(async (req, res) => {
       // wait in the volume while the scanner is down).
       return send(res, 200, { status: 'ok', ...(await scannerReadiness()) });
     }
+    if (req.method === 'POST' && url.pathname === '/webhooks/watcher') return await handleWebhook(req, res);
     if ((req.method === 'POST' || req.method === 'PUT') && url.pathname === '/upload') {
       return await handleUpload(req, res, url);
     }
@@ -152,7 +232,7 @@ const server = http.createServer(async (req, res) => {
     if (req.method === 'GET' && m) {
       const id = decodeURIComponent(m[1]);
       if (!ID_RE.test(id)) return send(res, 400, { error: 'bad id' });
-      if (m[2]) return send(res, 200, { id, verdict: await verdict(id, 0) });
+      if (m[2]) return send(res, 200, { id, verdict: pushed.get(id) || (await verdict(id, 0)) });
       return await handleDownload(res, id);
     }
     send(res, 404, { error: 'not found' });

@@ -6,6 +6,7 @@
 | `check-definitions`  | at start, then every 5 min       | staleness; outside updates: rescan |
 | `purge-quarantine`   | a minute after start, then daily | retention.Retention.run            |
 | `prune-deliveries`   | hourly                           | the delivery log past the window   |
+| `prune-verdicts`     | 5 min after start, then hourly   | the verdict store's retention      |
 
 Jobs never overlap themselves (max_instances=1, coalesce). One that raises is logged `job.failed`
 and keeps its schedule. `shutdown()` tells running jobs to stop (they check `stop` between steps
@@ -45,6 +46,7 @@ from watcher.jobs.retention import Retention
 from watcher.jobs.status import JobStatus
 from watcher.jobs.updates import ClamdControl, UpdateOutcome, Updater
 from watcher.logs import emit
+from watcher.recording import Recorder, recorder_from_settings
 from watcher.settings import Settings
 
 TICK_S = 300.0
@@ -61,15 +63,23 @@ class Jobs:
         on_reloaded: Callable[[], None] | None = None,
         status: JobStatus | None = None,
         allowlisted: Callable[[str], bool] = lambda sha256: False,
+        recorder: Recorder | None = None,
     ) -> None:
         s = settings
         self.settings = settings
+        self.recorder = recorder
         self.scanner = scanner
         self.definitions = definitions
         self.stop = threading.Event()
         self.deliveries = DeliveryLog(s.state_dir, s.processed_dir)
         self.rescanner = Rescanner(
-            scanner, self.deliveries, s.quarantine_dir, s.rescan_window, self.stop, allowlisted
+            scanner,
+            self.deliveries,
+            s.quarantine_dir,
+            s.rescan_window,
+            self.stop,
+            allowlisted,
+            on_late=recorder.mark_late if recorder is not None else lambda record, location: None,
         )
         self.status = status or JobStatus()
         self.retention = Retention(s.quarantine_dir, s.quarantine_retention, s.quarantine_max_bytes)
@@ -112,6 +122,9 @@ class Jobs:
                 emit("definitions.dir_empty", path=str(s.definitions_dir))
         self._add(self.purge_quarantine, "purge-quarantine", 86400.0, now + timedelta(minutes=1))
         self._add(self.prune_deliveries, "prune-deliveries", 3600.0, now + timedelta(hours=1))
+        if self.recorder is not None and self.recorder.store is not None:
+            first = now + timedelta(minutes=5)
+            self._add(self.prune_verdicts, "prune-verdicts", 3600.0, first)
         self.scheduler.add_listener(self._on_failure, EVENT_JOB_ERROR | EVENT_JOB_MISSED)
         self.scheduler.add_listener(self._on_success, EVENT_JOB_EXECUTED)
         self.scheduler.start()
@@ -206,6 +219,23 @@ class Jobs:
     def prune_deliveries(self) -> None:
         self.deliveries.prune(datetime.now(UTC), self.settings.rescan_window)
 
+    def prune_verdicts(self, now: datetime | None = None) -> int:
+        """The verdict store's retention: by age, then by count (the oldest first)."""
+        store = self.recorder.store if self.recorder is not None else None
+        if store is None:
+            return 0
+        s, now = self.settings, now or datetime.now(UTC)
+        cutoff = (now - timedelta(seconds=s.verdict_retention)).timestamp()
+        deleted = store.prune(cutoff, s.verdict_max_records)
+        if deleted:
+            emit(
+                "verdicts.pruned",
+                deleted=deleted,
+                max_age_s=s.verdict_retention,
+                max_records=s.verdict_max_records,
+            )
+        return deleted
+
 
 # -- the same code, once, from the CLI ----------------------------------------------------
 
@@ -215,8 +245,13 @@ def update_definitions_once(settings: Settings, scanner: Scanner) -> int:
     if not settings.update_argv:
         emit("definitions.update_failed", cause="no_command")
         return EXIT_FAILED
-    jobs = Jobs(settings, scanner, DefinitionsState())
-    outcome = jobs.updater.update_now(datetime.now(UTC))
+    recorder = recorder_from_settings(settings)  # a late detection updates the stored verdict
+    recorder.open()
+    try:
+        jobs = Jobs(settings, scanner, DefinitionsState(), recorder=recorder)
+        outcome = jobs.updater.update_now(datetime.now(UTC))
+    finally:
+        recorder.close()
     return EXIT_OK if outcome in (UpdateOutcome.UPDATED, UpdateOutcome.CURRENT) else EXIT_FAILED
 
 

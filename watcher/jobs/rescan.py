@@ -8,16 +8,19 @@ if processed still holds the very file we delivered (same device and inode).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import stat
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from watcher import provenance
 from watcher.claims import new_id
 from watcher.clamav import Scanner
 from watcher.delivery import QUARANTINE_FILE_MODE
@@ -32,6 +35,7 @@ from watcher.fsops import (
 from watcher.jobs.deliveries import Delivery, DeliveryLog
 from watcher.logs import emit
 from watcher.quarantine import new_record
+from watcher.store import VerdictRecord
 from watcher.verdict import Infected, NotScanned, Outcome
 
 
@@ -53,8 +57,10 @@ class Rescanner:
         window_s: float,
         stop: threading.Event,
         allowlisted: Callable[[str], bool] = lambda sha256: False,
+        on_late: Callable[[VerdictRecord, str], object] = lambda record, location: None,
     ) -> None:
         self.allowlisted = allowlisted
+        self.on_late = on_late  # recording.Recorder.mark_late: the store, the webhooks
         self.scanner = scanner
         self.log = log
         self.processed_dir = log.processed_dir
@@ -144,6 +150,25 @@ class Rescanner:
         if removed is None:
             record.unlink(missing_ok=True)
             return False
+        now = time.time()
+        late = VerdictRecord(
+            id=qid,
+            path=entry.rel,
+            verdict="infected",
+            decided_at=now,
+            sha256=sha,
+            size=st.st_size,
+            signature=signature,
+            definitions=version,
+            location=f"quarantine/{qid}",
+            late_at=now,
+        )
+        with contextlib.suppress(OSError):  # the app's own links to it say so, too
+            provenance.stamp(fd, late.to_json())
+        try:  # stored (and the app told) before the alert: who reacts to it finds it there
+            self.on_late(late, f"processed/{entry.dest}")
+        except Exception as err:
+            emit("store.write_failed", count=1, reason=str(err))
         emit(
             "file.infected_late",
             path=entry.rel,

@@ -20,18 +20,28 @@ from watcher.ops.metrics import Metrics
 from watcher.ops.server import HttpServer, Limits
 from watcher.ops.state import DaemonState, JobRuns
 from watcher.ops.verdicts import FileStatus, Verdicts
+from watcher.recording import Recorder
 from watcher.settings import Settings
 
 
 class Operations:
-    def __init__(self, settings: Settings, daemon: DaemonState, job_runs: JobRuns) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        daemon: DaemonState,
+        job_runs: JobRuns,
+        recorder: Recorder | None = None,
+    ) -> None:
         s = self.settings = settings
         self.daemon = daemon
         self.max_wait_s = s.http_max_wait_s
+        store = recorder.store if recorder is not None else None
         self.verdicts = Verdicts(
-            s.uploads_dir, s.processed_dir, s.staging_root, capacity=s.verdict_memory
+            s.uploads_dir, s.processed_dir, s.staging_root, capacity=s.verdict_memory, store=store
         )
-        self.metrics = Metrics(settings, daemon, job_runs)
+        if recorder is not None:
+            recorder.listeners.append(self.verdicts.recorded)
+        self.metrics = Metrics(settings, daemon, job_runs, store)
         clamd = os.path.abspath(s.clamav_socket) if s.clamav_socket else None
         clamd = clamd or ",".join(shown(e) for e in parse_hosts(s.clamav_host, s.clamav_port))
         self.heartbeat = Heartbeat(
@@ -112,3 +122,6 @@ class Operations:
 
     def watch(self, rel: str, wake: Callable[[], None]) -> Callable[[], None]:
         return self.verdicts.watch(rel, wake)
+
+    def by_content(self, sha256: str) -> dict[str, Any]:
+        return self.verdicts.by_content(sha256)

@@ -1,4 +1,5 @@
-"""The HTTP API's routes: /healthz, /readyz, /metrics and GET /v1/files/<relative path>[?wait=S].
+"""The HTTP API's routes: /healthz, /readyz, /metrics, GET /v1/files/<relative path>[?wait=S]
+and GET /v1/verdicts/<sha256>.
 
 `route` only parses (on the server's loop thread, so it never blocks) and says how to answer:
 an `Answer` now, a `Call` for the server's thread pool (anything that touches clamd or the
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -22,6 +24,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from watcher.ops.verdicts import FileStatus
 
 FILES_PREFIX = b"/v1/files/"
+VERDICTS_PREFIX = b"/v1/verdicts/"
+SHA256 = re.compile(rb"^[0-9a-f]{64}$")
 NAME_MAX_BYTES = 255  # longest file name on Linux file systems (ext4, xfs, tmpfs, overlayfs)
 PATH_MAX_BYTES = 4096
 
@@ -34,6 +38,7 @@ class Backend(Protocol):
     def render_metrics(self) -> bytes: ...
     def file_status(self, rel: str) -> FileStatus: ...
     def watch(self, rel: str, wake: Callable[[], None]) -> Callable[[], None]: ...
+    def by_content(self, sha256: str) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +91,12 @@ def route(backend: Backend, method: bytes, target: bytes) -> Answer | Call | Hol
             return _file_route(backend, parse_file_path(path[len(FILES_PREFIX) :]), query)
     except BadRequest as err:
         return error_answer(HTTPStatus.BAD_REQUEST, str(err))
+    if path.startswith(VERDICTS_PREFIX):
+        digest = path[len(VERDICTS_PREFIX) :].lower()
+        if not SHA256.match(digest):
+            return error_answer(HTTPStatus.BAD_REQUEST, "not a sha256: 64 hex digits")
+        sha256 = digest.decode()
+        return Call(lambda: json_answer(HTTPStatus.OK, backend.by_content(sha256)))
     if path == b"/healthz":  # answered right here: liveness never queues behind the pool
         return _health(*backend.healthz())
     if path == b"/readyz":

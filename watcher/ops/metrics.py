@@ -27,13 +27,20 @@ from watcher.logs import observe_events
 from watcher.ops.state import DaemonState, JobRuns
 from watcher.pipeline import Result
 from watcher.settings import Settings
+from watcher.store import VerdictStore
 from watcher.verdict import CAUSES, VERDICT_WORDS
 
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
 class Metrics:
-    def __init__(self, settings: Settings, daemon: DaemonState, job_runs: JobRuns) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        daemon: DaemonState,
+        job_runs: JobRuns,
+        store: VerdictStore | None = None,
+    ) -> None:
         self.registry = CollectorRegistry()
         self.files = Counter(
             "watcher_files", "Files by final verdict.", ["verdict"], registry=self.registry
@@ -62,7 +69,7 @@ class Metrics:
         )
         for event, level in alerted():  # at 0 from the start: see watcher/events.py
             self.events.labels(event, level)
-        self.registry.register(_DaemonCollector(settings, daemon, job_runs))
+        self.registry.register(_DaemonCollector(settings, daemon, job_runs, store))
         self._event_counters: dict[tuple[str, str], Any] = {}
         self._stop_observing: Callable[[], None] | None = None
 
@@ -98,10 +105,17 @@ class Metrics:
 class _DaemonCollector(Collector):
     """Gauges read from the daemon at scrape time."""
 
-    def __init__(self, settings: Settings, daemon: DaemonState, job_runs: JobRuns) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        daemon: DaemonState,
+        job_runs: JobRuns,
+        store: VerdictStore | None,
+    ) -> None:
         self._settings = settings
         self._daemon = daemon
         self._job_runs = job_runs
+        self._store = store
 
     def collect(self) -> Iterable[Metric]:
         d = self._daemon
@@ -140,6 +154,25 @@ class _DaemonCollector(Collector):
         yield _gauge("watcher_quarantine_bytes", "Bytes held in quarantine.", size)
         yield self._quarantine_cap()
         yield from self._jobs()
+        yield from self._outbox()
+
+    def _outbox(self) -> Iterator[Metric]:
+        if self._store is None:
+            return
+        try:
+            waiting, dead = self._store.outbox_counts()
+        except Exception:  # the store is busy or gone: the gauges wait for the next scrape
+            return
+        yield _gauge(
+            "watcher_webhook_events_waiting",
+            "Webhook events not delivered yet (retried with backoff).",
+            waiting,
+        )
+        yield _gauge(
+            "watcher_webhook_dead_letters",
+            "Webhook events given up after WATCHER_WEBHOOK_MAX_ATTEMPTS (kept for the retention).",
+            dead,
+        )
 
     def _definitions_age(self, now: float) -> Metric:
         family = GaugeMetricFamily(

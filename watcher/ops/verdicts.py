@@ -3,8 +3,14 @@
 States (`State`): ``pending`` while the file waits in uploads or is being scanned, then one
 final state: ``clean`` (also for an allowlisted file, with ``allowlisted: true``),
 ``infected``, ``unscannable``, ``rejected`` (symlink, not a regular file, several hard links),
-``unscanned`` (delivered with scanning switched off); ``unknown`` when this daemon has no
-record (never seen, or decided before a restart or more than `capacity` files ago).
+``unscanned`` (delivered with scanning switched off); ``unknown`` when there is no record
+(never seen; without the verdict store also: decided before a restart, or more than `capacity`
+files ago).
+
+The verdict store (watcher/store/) is the memory that outlives the process and other daemons
+on the same state directory; the last `capacity` verdicts are also kept here, so that a
+verdict is answered the moment it is reached, before the committer has stored it. Of the two,
+the newer answers (a late detection in the store is newer than the clean verdict kept here).
 
 Waiting is the HTTP server's (watcher/httpserver.py): it `watch`es a path and looks it up again
 each time `record` (a daemon listener) wakes it, for that path only; no polling, no thread per
@@ -29,6 +35,7 @@ from typing import Any, Literal, cast
 from watcher.claims import claim_data, journal_segments, parse_journal
 from watcher.fsops import relative_to
 from watcher.pipeline import Result, _refusal
+from watcher.store import VerdictRecord, VerdictStore
 from watcher.verdict import Outcome
 
 State = Literal["pending", "clean", "infected", "unscannable", "rejected", "unscanned", "unknown"]
@@ -57,6 +64,9 @@ class FileStatus:
     cause: str | None = None  # unscannable: encrypted, limits, malformed, unsupported, scan_error
     scanned_at: str | None = None
     allowlisted: bool = False
+    size: int | None = None
+    definitions: str | None = None
+    detected_late_at: str | None = None
 
     @property
     def final(self) -> bool:
@@ -64,6 +74,10 @@ class FileStatus:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def of(cls, record: VerdictRecord) -> FileStatus:
+        return cls(**record.public())
 
 
 class Verdicts:
@@ -73,11 +87,13 @@ class Verdicts:
         processed_dir: Path,
         staging_root: Path,
         capacity: int = 10_000,
+        store: VerdictStore | None = None,
     ) -> None:
         self.uploads_dir = uploads_dir
         self.processed_dir = processed_dir
         self.staging_root = staging_root
         self.capacity = capacity
+        self.store = store
         self._claims = ClaimIndex(staging_root)
         self._known: OrderedDict[str, tuple[float, FileStatus]] = OrderedDict()
         self._lock = threading.Lock()
@@ -102,13 +118,25 @@ class Verdicts:
             if state in ("rejected", "unscanned")
             else datetime.now(UTC).isoformat(timespec="milliseconds"),
             allowlisted=result.outcome is Outcome.ALLOWLISTED,
+            size=result.size,
         )
+        self._remember(result.rel, time.time(), status)
+
+    def recorded(self, record: VerdictRecord) -> None:
+        """Listener of the verdict store's writes (watcher/recording.py): a verdict stored
+        (after a restart, too) or changed by a late detection."""
+        self._remember(record.path, record.changed_at, FileStatus.of(record))
+
+    def _remember(self, rel: str, at: float, status: FileStatus) -> None:
         with self._lock:
-            self._known[result.rel] = (time.time(), status)
-            self._known.move_to_end(result.rel)
+            known_at, known = self._known.get(rel, (0.0, None))
+            if at >= known_at:
+                self._known[rel] = (at, status)
+                self._known.move_to_end(rel)
             while len(self._known) > self.capacity:
                 self._known.popitem(last=False)
-            wake = list(self._watchers.get(result.rel, ()))
+            news = known is None or _gist(known) != _gist(status)
+            wake = list(self._watchers.get(rel, ())) if news else []
         for callback in wake:
             callback()
 
@@ -149,11 +177,28 @@ class Verdicts:
             return FileStatus(rel, "pending", location=f"uploads/{rel}")
         with self._lock:
             recorded_at, known = self._known.get(rel, (0.0, None))
+        stored = self.store.by_path(rel) if self.store is not None else None
+        if stored is not None and stored.changed_at > recorded_at:
+            recorded_at, known = stored.changed_at, FileStatus.of(stored)
         # Claimed after the verdict we hold: a new upload under the same name, being scanned.
         # (The claim a verdict came from lingers in staging until its delivery is committed.)
         if any(at > recorded_at for at in self._claims.claimed_at(rel)):
             return FileStatus(rel, "pending")
         return known or FileStatus(rel, "unknown")
+
+    def by_content(self, sha256: str) -> dict[str, Any]:
+        """What is known of these bytes: the newest verdict's state, and each file's status."""
+        records = self.store.by_sha256(sha256) if self.store is not None else []
+        if not records:
+            with self._lock:
+                found = [s for _, s in reversed(self._known.values()) if s.sha256 == sha256]
+        else:
+            found = [FileStatus.of(r) for r in records]
+        return {
+            "sha256": sha256,
+            "state": found[0].state if found else "unknown",
+            "files": [f.to_json() for f in found],
+        }
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -188,6 +233,11 @@ class Verdicts:
             return os.lstat(path)
         except OSError:
             return None
+
+
+def _gist(status: FileStatus) -> tuple[str | None, ...]:
+    """What tells two verdicts apart (a stored one carries more fields than a fresh one)."""
+    return status.state, status.sha256, status.location, status.signature
 
 
 class ClaimIndex:

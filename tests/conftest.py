@@ -37,6 +37,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="store_true",
         help="a missing clamd fails the run instead of skipping the tests that need it",
     )
+    parser.addoption(
+        "--hosts",
+        action="store_true",
+        help="also run the replicas-on-simulated-hosts tests (root, minutes: make replicas-test)",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -45,6 +50,11 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not config.getoption("--hosts"):  # tests/test_hosts.py: `make replicas-test` runs them
+        hosts = [item for item in items if item.get_closest_marker("hosts") is not None]
+        if hosts:
+            config.hook.pytest_deselected(items=hosts)
+            items[:] = [item for item in items if item.get_closest_marker("hosts") is None]
     missing = clamd_binary() is None
     for item in items:
         if CLAMD_FIXTURES & set(getattr(item, "fixturenames", ())):

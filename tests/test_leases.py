@@ -6,6 +6,7 @@ back to the others."""
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -264,5 +265,34 @@ def test_a_replica_cut_off_from_clamd_hands_its_claims_to_the_others(
     wait_until(lambda: delivered_count(dirs) == len(files), 40, "every file delivered")
     assert stuck.events.count("file.clean", "file.infected", "file.unscanned") == 0
     assert other.terminate() == 0 and stuck.terminate() == 0
+    assert_each_exactly_once(dirs, files)
+    assert staged(dirs["uploads"]) == []
+
+
+def test_a_replica_whose_clamd_died_mid_scan_hands_back_even_the_claims_it_was_scanning(
+    make_clamd: Callable[..., Clamd], subprocess_env: dict[str, str], dirs: dict[str, Path]
+) -> None:
+    """Its clamd is SIGKILLed in the middle of scans (no answer: each such file counts an
+    attempt and waits, as a file that kills clamd must): once clamd has been down for the
+    lease bound those claims go back to uploads too, the other replica scans every file, and
+    the cut-off one delivers nothing more."""
+    own = make_clamd("own-clamd")
+    env = {**subprocess_env, "WATCHER_SWEEP_INTERVAL_S": "3600"}
+    cut = DaemonProcess({**env, "CLAMAV_SOCKET": str(own.socket)}).start()
+    files = {f"big{n:02}.bin": os.urandom(4 << 20) for n in range(30)}
+    for name, body in files.items():
+        (dirs["uploads"] / name).write_bytes(body)
+    wait_until(lambda: claims_of(cut, dirs["uploads"]) >= 4, 20, "scans in flight")
+    own.freeze()  # mid-scan: what it accepted, it never answers
+    other = DaemonProcess(env).start()
+    held = claims_of(cut, dirs["uploads"])
+    delivered_before = cut.events.count("file.clean", "file.infected", "file.unscanned")
+    os.kill(own.pid, signal.SIGKILL)
+    cut.events.wait_for("file.retry")  # a scan clamd broke off: an attempt of the file's own
+    cut.events.wait_for("file.released", count=held, timeout_s=30)
+    wait_until(lambda: delivered_count(dirs) == len(files), 60, "every file delivered")
+    assert cut.events.count("file.clean", "file.infected", "file.unscanned") == delivered_before
+    assert claims_of(cut, dirs["uploads"]) == 0
+    assert other.terminate() == 0 and cut.terminate() == 0
     assert_each_exactly_once(dirs, files)
     assert staged(dirs["uploads"]) == []

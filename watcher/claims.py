@@ -210,15 +210,17 @@ class Staging:
         if self._lock_fd is None:
             return
         self.journal.close()
-        if self.lease.lost:
-            pass  # taken over: the directory is another daemon's to empty
-        elif not any(n.endswith(_DATA) for n in os.listdir(self.dir_fd)):
-            shutil.rmtree(self.dir.name, dir_fd=self.root_fd, ignore_errors=True)
-        else:
+        # Empty: removed. Claims left: released, for others to adopt at once. Taken over (the
+        # lease lost): the directory is the adopter's to empty.
+        empty = not self.lease.lost and not any(n.endswith(_DATA) for n in os.listdir(self.dir_fd))
+        if not empty:
             self.lease.release()
         self.lease.close()
-        for fd in (self.dir_fd, self.root_fd, self._lock_fd):
+        for fd in (self.dir_fd, self._lock_fd):
             os.close(fd)
+        if empty:  # removed once nothing in it is open (see `_remove_closed`)
+            _remove_closed(self.root_fd, self.dir.name)
+        os.close(self.root_fd)
         self.dir_fd = self.root_fd = -1
         self._lock_fd = None
 
@@ -346,11 +348,13 @@ class Staging:
             if lock_fd is None:
                 continue
             try:
-                if take(self.root_fd, name, stamp, self.dir.name):
+                adopted = take(self.root_fd, name, stamp, self.dir.name)
+                if adopted:
                     claims.extend(self._adopt(name))
-                    self._remove_adopted(name)
             finally:
                 os.close(lock_fd)
+            if adopted:
+                self._remove_adopted(name)
         names = sorted(os.listdir(self.root_fd))
         for name in names:  # a start cut short: never held a claim
             if not name.startswith("t-") or name == f"t-{self.dir.name}":
@@ -361,8 +365,8 @@ class Staging:
                     continue  # perhaps a daemon starting right now
             lock_fd = self._lock_if_dead(name)
             if lock_fd is not None:
-                shutil.rmtree(name, dir_fd=self.root_fd, ignore_errors=True)
                 os.close(lock_fd)
+                _remove_closed(self.root_fd, name)
         return claims
 
     def _remove_adopted(self, name: str) -> None:
@@ -428,6 +432,13 @@ class Staging:
             os.close(fd)
             return None
         return fd
+
+
+def _remove_closed(root_fd: int, name: str) -> None:
+    """Remove a staging directory once we hold nothing open in it: NFS and FUSE keep a file
+    that is unlinked while open under a hidden name (``.nfs…``, ``.fuse_hidden…``) until it
+    is closed, and the directory cannot be removed meanwhile (it would stay behind, empty)."""
+    shutil.rmtree(name, dir_fd=root_fd, ignore_errors=True)
 
 
 def _identity(st: os.stat_result) -> tuple[int, int]:

@@ -78,6 +78,23 @@ class WorkQueue:
                     return None
                 self._cond.wait(wake - now)
 
+    def take_claims(self, pick: Callable[[Claim], bool]) -> list[Claim]:
+        """Remove the due claims that `pick` chooses."""
+        now = time.monotonic()
+        with self._cond:
+            kept, taken = [], []
+            for entry in self._heap:
+                item = entry[3]
+                if entry[0] <= now and isinstance(item, Claim) and pick(item):
+                    taken.append(item)
+                    self._keys.discard(entry[2])
+                else:
+                    kept.append(entry)
+            if taken:
+                heapq.heapify(kept)
+                self._heap = kept
+        return taken
+
     def has_room(self) -> bool:
         """At most half full: worth sweeping for files whose hints did not fit."""
         return len(self._heap) <= self.capacity // 2
@@ -442,8 +459,11 @@ class Daemon:
         if isinstance(self.scanner, ClamdScanner):
             self.scanner.keep_session()
         while not self.stop_event.is_set():
-            if not self.clamd.up.wait(timeout=0.5) or not self.clamd_check.trusted.wait(0.5):
-                continue  # clamd is down, or answered a canary wrongly: files wait
+            if not self.clamd.up.wait(timeout=0.5):
+                self._hand_back_claims()  # clamd is down: files wait, for us or others
+                continue
+            if not self.clamd_check.trusted.wait(0.5):
+                continue  # clamd answered a canary wrongly: files wait
             if not self.staging.lease.held():
                 self.stop_event.wait(0.5)  # our lease lapsed: our claims may be adopted
                 continue
@@ -504,6 +524,22 @@ class Daemon:
                         emptied.append(dest)
         for dest in emptied:
             emit("storage.ok", dest=_str(dest))
+
+    def _hand_back_claims(self) -> None:
+        """While clamd is down, put our queued claims back into uploads (`file.released`),
+        where another replica whose clamd answers takes them. A claim whose scan already
+        failed (clamd died under it: the file may be what kills it) is kept for the lease
+        bound, so that a clamd restarted meanwhile counts its attempts to the limit; past
+        that we are as good as dead to it, and it goes too."""
+        down_since = self.clamd.down_since
+        if down_since is None:
+            return
+        long_down = time.monotonic() - down_since >= self.settings.staging_lease_s
+        for claim in self.queue.take_claims(lambda c: long_down or c.attempts == 0):
+            if self.staging.unclaim(claim, self.settings.uploads_dir):
+                emit("file.released", path=claim.rel, reason="clamd is down")
+            else:  # its name was taken meanwhile: it stays ours, and waits
+                self.queue.offer(claim, delay_s=self.settings.staging_lease_s, force=True)
 
     def _schedule_retry(self, result: Result) -> None:
         assert result.claim is not None

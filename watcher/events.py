@@ -223,7 +223,7 @@ CATALOG: dict[str, Event] = {
         "INFO",
         "clamd is down: the claim goes back to uploads",
         "path, reason",
-        "a file claimed just before clamd went down is put back under its name in uploads, where it waits for clamd, or for another replica whose clamd answers",
+        "a file claimed when clamd went down is put back under its name in uploads, where it waits for clamd, or for another replica whose clamd answers; one whose scan clamd broke off (clamd died under it) only once clamd has been down for WATCHER_STAGING_LEASE_S",
     ),
     "file.rejected": Event(
         "WARNING",

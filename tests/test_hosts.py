@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -233,7 +234,9 @@ def test_a_live_replica_whose_lock_no_other_host_sees_is_never_adopted(
     (lock,) = (shared / "uploads" / ".watcher").glob(f"d-{alive.daemon.pid}-*/lock")
     probe = Host("probe", shared, tmp_path / "view", "fuse").start()
     try:
-        seen = probe.run("python3", "-c", LOCK_PROBE, str(probe.data / lock.relative_to(shared)))
+        seen = probe.run(
+            sys.executable, "-c", LOCK_PROBE, str(probe.data / lock.relative_to(shared))
+        )
     finally:
         probe.stop()
     assert seen.stdout.strip() == "free"  # its flock is invisible from another host

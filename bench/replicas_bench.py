@@ -105,7 +105,7 @@ class Drain:
 
 
 class Hosts:
-    """Three simulated hosts, each with its clamd, for the whole run; daemons per arm."""
+    """Three simulated hosts, each with its clamd, for the whole run; `count` replicas per arm."""
 
     def __init__(self, base: Path) -> None:
         self.shared = base / "shared"
@@ -117,7 +117,7 @@ class Hosts:
             for n, host in enumerate(self.hosts)
         ]
 
-    def replicas(self, count: int) -> Drain:
+    def start(self, count: int) -> Drain:
         daemons = []
         for host, clamd in list(zip(self.hosts, self.clamds, strict=True))[:count]:
             dirs = {name: host.data / name for name in DIRS} | {"state": host.private / "state"}
@@ -152,7 +152,7 @@ class Endpoints:
             for n in COUNTS
         ]
 
-    def pool(self, count: int) -> Drain:
+    def start(self, count: int) -> Drain:
         dirs = {name: self.shared / name for name in DIRS} | {"state": self.base / "state"}
         env = daemon_env(
             dirs,
@@ -211,18 +211,17 @@ def main() -> int:
         corpus_bytes = make_corpus(corpus, args.files)
         results["corpus"] = {"files": args.files, "mb": round(corpus_bytes / 1e6, 1)}
         print(f"corpus: {args.files} files, {corpus_bytes / 1e6:.1f} MB", flush=True)
-        hosts = Hosts(base / "hosts")
-        try:
-            runs = alternate(hosts.replicas, corpus, args.files, args.rounds, "replicas")
-            results["replicas"] = medians(runs)
-        finally:
-            hosts.stop()
-        endpoints = Endpoints(base / "endpoints")
-        try:
-            runs = alternate(endpoints.pool, corpus, args.files, args.rounds, "endpoints")
-            results["endpoints"] = medians(runs)
-        finally:
-            endpoints.stop()
+        setups: dict[str, Callable[[Path], Hosts | Endpoints]] = {
+            "replicas": Hosts,
+            "endpoints": Endpoints,
+        }
+        for series, setup in setups.items():
+            arms = setup(base / series)
+            try:
+                runs = alternate(arms.start, corpus, args.files, args.rounds, series)
+                results[series] = medians(runs)
+            finally:
+                arms.stop()
     finally:
         shutil.rmtree(base, ignore_errors=True)
     RESULTS.mkdir(exist_ok=True)

@@ -33,9 +33,10 @@ pytestmark = pytest.mark.hosts
 
 LEASE_S = 3.0
 TAKEOVER_LIMIT_S = LEASE_S + 2 * renew_interval_s(LEASE_S) + 3.0  # + a busy machine's delay
-# Its last renewal was at most one interval before the kill: nobody may adopt before the
-# bound has passed since then (a watcher that trusted a free flock would, at its next sweep).
-EARLIEST_TAKEOVER_S = LEASE_S - renew_interval_s(LEASE_S) - 0.1  # the log's time is in ms
+# Nobody may adopt before the bound has passed since the owner's last renewal, one interval
+# before the kill unless the machine held its renewals back: half the bound is still well
+# after a watcher that trusted a free flock would adopt (at its next sweep, each second).
+EARLIEST_TAKEOVER_S = LEASE_S / 2
 DIRS = ("uploads", "processed", "quarantine")
 
 

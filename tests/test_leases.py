@@ -5,24 +5,28 @@ back to the others."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from harness import EICAR
 from harness.clamd import Clamd
 from harness.daemon import DaemonProcess
-from harness.events import wait_until
-from harness.files import assert_each_exactly_once, delivered_count, staged
+from harness.events import Events, wait_until
+from harness.files import assert_each_exactly_once, delivered_count, files_under, staged
 from watcher import leases
 from watcher.claims import Claim, Staging
 from watcher.errors import LeaseLost
 from watcher.leases import LEASE, renew_interval_s
+from watcher.service import Service
 
 LEASE_S = 30.0
 RENEW_S = renew_interval_s(LEASE_S)
@@ -296,3 +300,47 @@ def test_a_replica_whose_clamd_died_mid_scan_hands_back_even_the_claims_it_was_s
     assert other.terminate() == 0 and cut.terminate() == 0
     assert_each_exactly_once(dirs, files)
     assert staged(dirs["uploads"]) == []
+
+
+def test_a_claim_already_scanned_is_never_released_while_clamd_is_down(
+    make_clamd: Callable[..., Clamd],
+    start_daemon: Callable[..., Service],
+    dirs: dict[str, Path],
+    events: Events,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A file scanned clean but waiting for space in processed stays claimed while clamd is
+    down (it needs no clamd, and a copy back in uploads could be delivered twice); one not
+    yet scanned goes back to uploads; both end once when space and clamd return."""
+    own = make_clamd("own-clamd")
+    service = start_daemon(clamav_socket=own.socket)
+    full = threading.Event()
+    full.set()
+    place = service.daemon.deliverer._place
+
+    def place_unless_full(claim: Any, fd: int, dir_fd: int, directory: str, *args: Any) -> str:
+        if full.is_set() and Path(directory).is_relative_to(dirs["processed"]):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return place(claim, fd, dir_fd, directory, *args)
+
+    monkeypatch.setattr(service.daemon.deliverer, "_place", place_unless_full)
+    (dirs["uploads"] / "scanned.txt").write_bytes(b"clean, waiting for space")
+    events.wait_for("storage.full", path="scanned.txt")
+    retry_due = time.time() + 5.0  # the retry of a full destination: 5 s after its refusal
+    own.stop()
+    (dirs["uploads"] / "unscanned.txt").write_bytes(b"arrives while clamd is down")
+    events.wait_for("file.released", path="unscanned.txt")
+    # Its retry comes due while clamd is down (then three rounds of handing back): it stays.
+    time.sleep(max(0.0, retry_due - time.time()) + 1.5)
+    assert {r["path"] for r in events.named("file.released")} == {"unscanned.txt"}
+    assert not (dirs["uploads"] / "scanned.txt").exists()
+
+    full.clear()
+    own.start()
+    events.wait_for("file.clean", path="scanned.txt", timeout_s=30)
+    events.wait_for("file.clean", path="unscanned.txt", timeout_s=30)
+    assert files_under(dirs["processed"]) == {
+        "scanned.txt": b"clean, waiting for space",
+        "unscanned.txt": b"arrives while clamd is down",
+    }
+    wait_until(lambda: staged(dirs["uploads"]) == [], 10, "claims dropped once recorded")

@@ -470,6 +470,9 @@ class Daemon:
             item = self.queue.get(timeout_s=0.5)
             if item is None:
                 continue
+            if not self.clamd.up.is_set():  # it went down while we waited for work
+                self.queue.offer(item, force=True)
+                continue
             with self._count_lock:
                 self.in_flight += 1
             try:
@@ -535,7 +538,14 @@ class Daemon:
         if down_since is None:
             return
         long_down = time.monotonic() - down_since >= self.settings.staging_lease_s
-        for claim in self.queue.take_claims(lambda c: long_down or c.attempts == 0):
+
+        def waits_for_clamd(claim: Claim) -> bool:
+            # Not one with a verdict or a delivery begun: it needs no clamd, and may already
+            # be in its destination (then a copy back in uploads would be delivered twice).
+            unscanned = claim.verdict is None and claim.dest is None
+            return unscanned and (long_down or claim.attempts == 0)
+
+        for claim in self.queue.take_claims(waits_for_clamd):
             if self.staging.unclaim(claim, self.settings.uploads_dir):
                 emit("file.released", path=claim.rel, reason="clamd is down")
             else:  # its name was taken meanwhile: it stays ours, and waits

@@ -6,11 +6,11 @@ records they announce, so an event is never lost nor made for a verdict that was
 
 `VerdictStore` is the narrow interface the daemon, the API, the jobs and the webhook sender
 use; `SqliteStore` (watcher/store/sqlite.py, stdlib sqlite3 in WAL mode, in
-WATCHER_STATE_DIR) is the embedded one. Its SQL is plain enough for another database to run
-(`INSERT ... ON CONFLICT`, no SQLite-only functions): only the connection and the DDL's types
-differ. What is durable when (watcher/recording.py): a delivered file's staging claim is
-dropped only after its record is committed, so a SIGKILL at any moment leaves either the
-record or a claim whose journal holds the verdict, which the next start records.
+WATCHER_STATE_DIR) is the embedded one, `PostgresStore` (watcher/store/postgres.py, selected
+by WATCHER_DATABASE_URL) the one replicas share. Their SQL is the same but for placeholders
+and the DDL's types. What is durable when (watcher/recording.py): a delivered file's staging
+claim is dropped only after its record is committed, so a SIGKILL at any moment leaves
+either the record or a claim whose journal holds the verdict, which the next start records.
 """
 
 from __future__ import annotations
@@ -97,6 +97,8 @@ class VerdictStore(Protocol):
 
     def open(self) -> None: ...
     def close(self) -> None: ...
+    def problem(self) -> str | None:
+        """None while the store takes writes; else why the last one failed (readiness)."""
 
     def record(
         self, records: Sequence[VerdictRecord], events: Sequence[tuple[str, str, str]] = ()

@@ -23,6 +23,7 @@ from typing import Any
 
 from watcher.errors import StoreUnavailable
 from watcher.store import OutboxEvent, VerdictRecord
+from watcher.store.health import StoreHealth
 
 BUSY_TIMEOUT_MS = 10_000
 _WRONG_DATA = (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.ProgrammingError)
@@ -87,6 +88,7 @@ class SqliteStore:
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._sender_lock_fd = -1
+        self.health = StoreHealth("sqlite")
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -140,7 +142,12 @@ class SqliteStore:
                 if isinstance(err, _WRONG_DATA):
                     raise
                 # Locked, full, an I/O error, a damaged file: worth another try (or a restore).
+                self.health.failed(str(err))
                 raise StoreUnavailable(f"verdict store: {err}") from err
+        self.health.succeeded()
+
+    def problem(self) -> str | None:
+        return self.health.problem()
 
     def _reader(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)

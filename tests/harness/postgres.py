@@ -9,6 +9,7 @@ test gets a database of its own (`create_database`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import secrets
@@ -88,7 +89,8 @@ class Postgres:
         return self
 
     def start(self) -> Postgres:
-        self._as_postgres("pg_ctl", "-D", str(self.data), "-l", str(self.root / "log"), "-w", "start")
+        log = str(self.root / "log")
+        self._as_postgres("pg_ctl", "-D", str(self.data), "-l", log, "-w", "start")
         return self
 
     def stop(self, mode: str = "fast") -> None:
@@ -96,10 +98,8 @@ class Postgres:
         self._as_postgres("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
 
     def destroy(self) -> None:
-        try:
+        with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
             self.stop()
-        except (RuntimeError, subprocess.TimeoutExpired):
-            pass
         shutil.rmtree(self.root, ignore_errors=True)
 
     def url(self, dbname: str = "postgres") -> str:

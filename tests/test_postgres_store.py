@@ -281,8 +281,7 @@ def test_the_database_stopped_mid_stream_loses_nothing_and_is_taken_up_again(
         assert get(daemon.http_address, "/readyz").status == 200
         assert metric(daemon, "watcher_verdict_store_up") == 1.0
         # At least once: an event sent just before the stop may not have been marked sent.
-        pushed = lambda: {checked(p)["file"]["path"] for p in list(receiver.posts)}  # noqa: E731
-        wait_until(lambda: pushed() == set(files), 30, "every event")
+        wait_until(lambda: pushed(receiver) == set(files), 30, "every event")
         assert len(daemon.events.named("store.unavailable")) == 1  # once per outage
     finally:
         stopped.set()
@@ -292,6 +291,10 @@ def test_the_database_stopped_mid_stream_loses_nothing_and_is_taken_up_again(
         daemon.kill()
         receiver.stop()
     assert_no_password(postgres_server, daemon)
+
+
+def pushed(receiver: Receiver) -> set[str]:
+    return {checked(p)["file"]["path"] for p in list(receiver.posts)}
 
 
 def test_a_daemon_refused_by_the_database_starts_delivers_and_never_logs_the_password(

@@ -247,6 +247,11 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown verdicts {sorted(unknown)}: use {', '.join(VERDICT_WORDS)}")
         return value
 
+    @field_validator("database_url", "database_url_file", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value  # an env var emptied by an override: SQLite
+
     @field_validator("database_url")
     @classmethod
     def _check_database_url(cls, value: SecretStr | None) -> SecretStr | None:

@@ -120,6 +120,41 @@ def test_a_verdict_one_replica_reached_is_answered_by_the_other(
     assert_no_password(postgres_server, *daemons)
 
 
+def test_a_wait_on_one_replica_answers_when_the_other_decides_the_file(
+    subprocess_env: dict[str, str], dirs: dict[str, Path], tmp_path: Path, database_url: str
+) -> None:
+    """`?wait=30` for each upload on both replicas, asked before the files arrive: each
+    request answers within seconds, also on the replica that did not decide the file (the
+    database tells it: LISTEN/NOTIFY), not at its 30 s limit."""
+    a = replica(subprocess_env, tmp_path / "state-a", database_url, "a")
+    b = replica(subprocess_env, tmp_path / "state-b", database_url, "b")
+    daemons = [a.start(), b.start()]
+    names = [f"w{n}.txt" for n in range(6)]
+    answers: dict[tuple[int, str], tuple[float, dict[str, Any]]] = {}
+
+    def ask(index: int, name: str) -> None:
+        started = time.monotonic()
+        body = get(daemons[index].http_address, f"/v1/files/{name}?wait=30", 40).json()
+        answers[index, name] = (time.monotonic() - started, body)
+
+    askers = [threading.Thread(target=ask, args=(i, name)) for i in range(2) for name in names]
+    try:
+        for asker in askers:
+            asker.start()
+        time.sleep(0.5)  # the requests are held: nothing is there yet
+        for name in names:
+            (dirs["uploads"] / name).write_bytes(name.encode())
+        for asker in askers:
+            asker.join(40)
+        for (index, name), (took_s, body) in answers.items():
+            assert body["state"] == "clean" and body["sha256"] == sha(name.encode())
+            assert took_s < 10, f"replica {index} answered {name} after {took_s:.1f}s"
+        assert len(answers) == 2 * len(names)
+    finally:
+        for daemon in daemons:
+            daemon.kill()
+
+
 def test_verdicts_survive_a_sigkill_and_a_restart_with_postgresql(
     subprocess_env: dict[str, str], dirs: dict[str, Path], tmp_path: Path, database_url: str
 ) -> None:

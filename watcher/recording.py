@@ -82,6 +82,8 @@ class Recorder:
     def open(self) -> None:
         if self.store is not None:
             self.store.open()
+            if self.listeners:  # other replicas' records wake this one's waiters too
+                self.store.subscribe(lambda record: self._notify([record]))
 
     def close(self) -> None:
         if self.store is not None:

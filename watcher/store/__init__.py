@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -99,6 +99,10 @@ class VerdictStore(Protocol):
     def close(self) -> None: ...
     def problem(self) -> str | None:
         """None while the store takes writes; else why the last one failed (readiness)."""
+
+    def subscribe(self, callback: Callable[[VerdictRecord], None]) -> None:
+        """Records other processes commit are handed to `callback` where the backend can
+        tell (PostgreSQL: LISTEN/NOTIFY); a no-op where it cannot (SQLite)."""
 
     def record(
         self, records: Sequence[VerdictRecord], events: Sequence[tuple[str, str, str]] = ()

@@ -27,6 +27,10 @@ file's verdict. What holds, and how:
 - **Secret.** The URL's password is in the connection parameters only: every message that
   leaves this module has it (and the URL) replaced by ``***``.
 
+- **Waiters on every replica.** Each commit NOTIFYs the records' ids; a listener on every
+  replica hands them to the recorder's listeners (`subscribe`), so a `?wait` held by one
+  replica answers when another decides the file, and the sender wakes at once.
+
 Connections: a small pool (POOL_SIZE), each connection in autocommit with explicit
 transactions; a broken one is dropped and the next operation connects again. Paths are stored
 as bytea (an upload's name need not be UTF-8), times as unix seconds (double precision).
@@ -39,7 +43,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -48,6 +52,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from watcher.errors import ConfigError, StoreUnavailable
+from watcher.logs import emit
 from watcher.store import OutboxEvent, VerdictRecord
 from watcher.store.health import StoreHealth
 from watcher.store.sqlite import _now, _record, _row
@@ -58,6 +63,9 @@ POOL_SIZE = 6  # the committer, the webhook sender, the jobs, the HTTP pool's lo
 SENDER_LOCK = 0x7761746368657201  # "watcher" + 1
 SCHEMA_LOCK = 0x7761746368657202
 WATCHDOG_TICK_S = 0.5
+CHANNEL = "watcher_verdicts"  # NOTIFY'd with each committed record's id
+LISTEN_TICK_S = 1.0  # how soon the listener sees that the store is closing
+LISTEN_BATCH = 500
 _WRONG_DATA = (psycopg.DataError, psycopg.IntegrityError, psycopg.ProgrammingError)
 _COLUMNS = (
     "id, path, verdict, decided_at, sha256, size, signature, reason, cause, definitions, "
@@ -111,6 +119,7 @@ _ENQUEUE = """
 INSERT INTO watcher_outbox (key, target, body, created_at, next_at) VALUES (%s, %s, %s, %s, %s)
 ON CONFLICT (key, target) DO NOTHING
 """
+_NOTIFY = "SELECT pg_notify(%s, id) FROM unnest(%s::text[]) AS id"  # sent at the commit
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 
@@ -131,6 +140,7 @@ class PostgresStore:
         self._sender_lock = threading.Lock()
         self._sender: Conn | None = None
         self._sender_holds = False
+        self._listener: threading.Thread | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -143,17 +153,59 @@ class PostgresStore:
             pass
 
     def close(self) -> None:
-        self.unlock_sender()
         with self._cond:
             self._closed = True
             idle, self._idle = self._idle, []
             self._cond.notify_all()
+        self.unlock_sender()
+        if self._listener is not None:  # it sees `_closed` within LISTEN_TICK_S
+            self._listener.join(timeout=2 * LISTEN_TICK_S + self.timeout_s)
+            self._listener = None
         for conn in idle:
             conn.close()
         self._watchdog.stop()
 
     def problem(self) -> str | None:
         return self.health.problem()
+
+    def subscribe(self, callback: Callable[[VerdictRecord], None]) -> None:
+        """Hand every record any replica commits (this one's too) to `callback`, on a thread
+        of the store's: a `?wait` held by one replica answers as soon as another decides the
+        file. A notification missed while the listener reconnects only delays a waiter until
+        its deadline, where it looks the file up again."""
+        self._listener = threading.Thread(
+            target=self._listen, args=(callback,), name="watcher-db-listen", daemon=True
+        )
+        self._listener.start()
+
+    def _listen(self, callback: Callable[[VerdictRecord], None]) -> None:
+        conn: Conn | None = None
+        while not self._closed:
+            try:
+                if conn is None:
+                    conn = psycopg.connect(**self._sender_params())
+                    conn.execute(f"LISTEN {CHANNEL}")
+                ids = [n.payload for n in conn.notifies(timeout=LISTEN_TICK_S, stop_after=1)]
+                ids += [n.payload for n in conn.notifies(timeout=0, stop_after=LISTEN_BATCH)]
+                for record in self._by_ids(ids) if ids else ():
+                    callback(record)
+            except (psycopg.Error, StoreUnavailable):  # down: the outage is logged elsewhere
+                if conn is not None:
+                    conn.close()
+                    conn = None
+                time.sleep(LISTEN_TICK_S)
+            except Exception:  # a listener's bug must not end the thread
+                emit("listener.error", exception=True)
+        if conn is not None:
+            conn.close()
+
+    def _by_ids(self, ids: list[str]) -> list[VerdictRecord]:
+        with self._connection() as conn:
+            rows = conn.execute(
+                f"SELECT {_COLUMNS} FROM watcher_verdicts WHERE id = ANY(%s)",  # noqa: S608
+                (ids,),
+            ).fetchall()
+        return [_record(row) for row in rows]
 
     # -- connections --------------------------------------------------------------------
 
@@ -254,6 +306,7 @@ class PostgresStore:
         with self._connection() as conn, conn.transaction(), conn.cursor() as cur:
             if records:
                 cur.executemany(_UPSERT, [_row(r) for r in records])
+                cur.execute(_NOTIFY, (CHANNEL, [_row(r)[0] for r in records]))
             if events:
                 cur.executemany(_ENQUEUE, [(k, t, b, now, now) for k, t, b in events])
 
@@ -298,6 +351,7 @@ class PostgresStore:
                     }
                 )
             conn.execute(_UPSERT, _row(merged))
+            conn.execute(_NOTIFY, (CHANNEL, [_row(merged)[0]]))
         return merged
 
     def prune(self, older_than: float, max_records: int) -> int:

@@ -16,7 +16,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -148,6 +148,9 @@ class SqliteStore:
 
     def problem(self) -> str | None:
         return self.health.problem()
+
+    def subscribe(self, callback: Callable[[VerdictRecord], None]) -> None:
+        """Nothing to do: daemons sharing the file find each other's records at lookup."""
 
     def _reader(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)

@@ -175,6 +175,12 @@ def test_verdicts_survive_a_sigkill_and_a_restart_with_postgresql(
         (dirs["uploads"] / "late night.txt").write_bytes(b"delivered, not yet recorded")
         daemon.events.wait_for("store.write_failed", timeout_s=20)
         assert (dirs["processed"] / "late night.txt").exists() and staged(dirs["uploads"])
+        addr = daemon.http_address
+        assert get(addr, "/v1/files/report.txt").json()["state"] == "clean"  # reads go on...
+        ready = get(addr, "/readyz")  # ...but writes do not: still not ready
+        assert ready.status == 503 and ready.json()["failing"] == ["verdict_store"]
+        assert "timeout" in ready.json()["checks"]["verdict_store"]
+        assert daemon.events.named("store.available") == []
         daemon.kill()
         blocker.execute("ROLLBACK")
         assert "late night.txt" not in rows(database_url)

@@ -141,6 +141,7 @@ class PostgresStore:
         self._sender: Conn | None = None
         self._sender_holds = False
         self._listener: threading.Thread | None = None
+        self._write_failed = False  # the outage (if any) was met by a write
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -232,21 +233,28 @@ class PostgresStore:
         self._schema_ready = True
 
     @contextmanager
-    def _connection(self) -> Iterator[Conn]:
-        """A pooled connection for one operation; its failures as StoreUnavailable."""
+    def _connection(self, write: bool = False) -> Iterator[Conn]:
+        """A pooled connection for one operation; its failures as StoreUnavailable.
+
+        An outage that a write met ends with a write that goes through (the committer's
+        retries come each second): reads may go on where writes cannot (a table locked, a
+        standby that turned read-only), and must not make it look over."""
         try:
             conn = self._checkout()
+            try:
+                with self._guard(), self._watchdog.watch(conn):
+                    yield conn
+            except BaseException:
+                self._checkin(conn, keep=not conn.broken and not conn.closed)
+                raise
         except StoreUnavailable as err:
-            self.health.failed(str(err))
-            raise
-        try:
-            with self._guard(), self._watchdog.watch(conn):
-                yield conn
-        except BaseException:
-            self._checkin(conn, keep=not conn.broken and not conn.closed)
+            self._write_failed = self._write_failed or write
+            self.health.failed(_reason(err))
             raise
         self._checkin(conn, keep=True)
-        self.health.succeeded()
+        if write or not self._write_failed:
+            self._write_failed = False
+            self.health.succeeded()
 
     def _checkout(self) -> Conn:
         deadline = time.monotonic() + self.timeout_s
@@ -292,7 +300,6 @@ class PostgresStore:
             raise type(err)(self._redact(str(err))) from None
         except psycopg.Error as err:
             reason = self._redact(f"{type(err).__name__}: {err}".strip())
-            self.health.failed(reason)
             raise StoreUnavailable(f"verdict store: {reason}") from None
 
     # -- verdicts -----------------------------------------------------------------------
@@ -303,7 +310,7 @@ class PostgresStore:
         if not records and not events:
             return
         now = _now()
-        with self._connection() as conn, conn.transaction(), conn.cursor() as cur:
+        with self._connection(write=True) as conn, conn.transaction(), conn.cursor() as cur:
             if records:
                 cur.executemany(_UPSERT, [_row(r) for r in records])
                 cur.execute(_NOTIFY, (CHANNEL, [_row(r)[0] for r in records]))
@@ -331,7 +338,7 @@ class PostgresStore:
     def mark_late(
         self, path: str, location: str, sha256: str | None, update: VerdictRecord
     ) -> VerdictRecord:
-        with self._connection() as conn, conn.transaction():
+        with self._connection(write=True) as conn, conn.transaction():
             row = conn.execute(
                 f"SELECT {_COLUMNS} FROM watcher_verdicts WHERE path = %s "  # noqa: S608
                 "AND location = %s AND (sha256 = %s OR %s::text IS NULL) "
@@ -355,7 +362,7 @@ class PostgresStore:
         return merged
 
     def prune(self, older_than: float, max_records: int) -> int:
-        with self._connection() as conn, conn.transaction():
+        with self._connection(write=True) as conn, conn.transaction():
             deleted = conn.execute(
                 "DELETE FROM watcher_verdicts WHERE decided_at < %s", (older_than,)
             ).rowcount
@@ -393,7 +400,8 @@ class PostgresStore:
                                 "SELECT pg_try_advisory_lock(%s)", (SENDER_LOCK,)
                             ).fetchone()
                             self._sender_holds = bool(row and row[0])
-            except StoreUnavailable:
+            except StoreUnavailable as err:
+                self.health.failed(_reason(err))
                 self._sender_holds = False
                 if self._sender is not None:
                     self._sender.close()
@@ -422,11 +430,11 @@ class PostgresStore:
         return [OutboxEvent(*row) for row in rows]
 
     def delivered(self, event_ids: Sequence[int]) -> None:
-        with self._connection() as conn:
+        with self._connection(write=True) as conn:
             conn.execute("DELETE FROM watcher_outbox WHERE id = ANY(%s)", (list(event_ids),))
 
     def failed(self, event_id: int, next_at: float, error: str) -> None:
-        with self._connection() as conn:
+        with self._connection(write=True) as conn:
             conn.execute(
                 "UPDATE watcher_outbox SET attempts = attempts + 1, next_at = %s, "
                 "last_error = %s WHERE id = %s",
@@ -434,7 +442,7 @@ class PostgresStore:
             )
 
     def dead(self, event_id: int, now: float, error: str) -> None:
-        with self._connection() as conn:
+        with self._connection(write=True) as conn:
             conn.execute(
                 "UPDATE watcher_outbox SET attempts = attempts + 1, dead_at = %s, "
                 "last_error = %s WHERE id = %s",
@@ -557,6 +565,10 @@ def _shut_down(conn: Conn) -> None:
             sock.shutdown(socket.SHUT_RDWR)
         finally:
             sock.close()
+
+
+def _reason(err: StoreUnavailable) -> str:
+    return str(err).removeprefix("verdict store: ")
 
 
 def _clean(text: str) -> str:

@@ -26,6 +26,7 @@ from harness.http_client import get
 from harness.postgres import Postgres
 from harness.receiver import Receiver
 from test_webhooks import SECRET, checked
+from test_webhooks import _metric as metric
 from watcher.errors import ConfigError, StoreUnavailable
 from watcher.settings import load_settings
 from watcher.store import VerdictRecord
@@ -257,13 +258,6 @@ def test_two_replicas_on_one_database_send_every_webhook_event_once(
         for daemon in daemons.values():
             daemon.kill()
         receiver.stop()
-
-
-def metric(daemon: DaemonProcess, name: str) -> float | None:
-    for line in get(daemon.http_address, "/metrics").body.decode().splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return None
 
 
 def test_the_database_stopped_mid_stream_loses_nothing_and_is_taken_up_again(

@@ -152,6 +152,21 @@ class VerdictStore(Protocol):
         """(events waiting, dead letters)."""
 
 
+def merge_late(delivered: VerdictRecord | None, late: VerdictRecord) -> VerdictRecord:
+    """The delivered file's record after the rescan found it infected (`mark_late`): its
+    verdict, signature, definitions, location and late time are the late detection's."""
+    if delivered is None:
+        return late
+    return replace(
+        delivered,
+        verdict=late.verdict,
+        signature=late.signature,
+        definitions=late.definitions,
+        location=late.location,
+        late_at=late.late_at,
+    )
+
+
 def target_id(url: str) -> str:
     """A stable name for a webhook URL (the URL may hold a token: it is not stored)."""
     return hashlib.sha256(url.encode()).hexdigest()[:16]

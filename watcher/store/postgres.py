@@ -53,7 +53,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from watcher.errors import ConfigError, StoreUnavailable
 from watcher.logs import emit
-from watcher.store import OutboxEvent, VerdictRecord
+from watcher.store import OutboxEvent, VerdictRecord, merge_late
 from watcher.store.health import StoreHealth
 from watcher.store.sqlite import _now, _record, _row
 
@@ -345,18 +345,7 @@ class PostgresStore:
                 "ORDER BY decided_at DESC LIMIT 1 FOR UPDATE",
                 (os.fsencode(path), os.fsencode(location), sha256, sha256),
             ).fetchone()
-            merged = update
-            if row is not None:
-                merged = VerdictRecord(
-                    **{
-                        **_record(row).to_json(),
-                        "verdict": update.verdict,
-                        "signature": update.signature,
-                        "definitions": update.definitions,
-                        "location": update.location,
-                        "late_at": update.late_at,
-                    }
-                )
+            merged = merge_late(None if row is None else _record(row), update)
             conn.execute(_UPSERT, _row(merged))
             conn.execute(_NOTIFY, (CHANNEL, [_row(merged)[0]]))
         return merged

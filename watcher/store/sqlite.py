@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from watcher.errors import StoreUnavailable
-from watcher.store import OutboxEvent, VerdictRecord
+from watcher.store import OutboxEvent, VerdictRecord, merge_late
 from watcher.store.health import StoreHealth
 
 BUSY_TIMEOUT_MS = 10_000
@@ -206,20 +206,7 @@ class SqliteStore:
                 "AND (sha256 = ? OR ? IS NULL) ORDER BY decided_at DESC LIMIT 1",
                 (os.fsencode(path), os.fsencode(location), sha256, sha256),
             ).fetchone()
-            if row is None:
-                merged = update
-            else:
-                old = _record(row)
-                merged = VerdictRecord(
-                    **{
-                        **old.to_json(),
-                        "verdict": update.verdict,
-                        "signature": update.signature,
-                        "definitions": update.definitions,
-                        "location": update.location,
-                        "late_at": update.late_at,
-                    }
-                )
+            merged = merge_late(None if row is None else _record(row), update)
             conn.execute(_UPSERT, _row(merged))
         return merged
 

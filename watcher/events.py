@@ -390,6 +390,7 @@ CATALOG: dict[str, Event] = {
         "the verdict store is unavailable: claims wait, nothing is lost",
         "backend, reason",
         "once per outage: the database is down or unreachable, or (SQLite) locked past its timeout or its disk full. Files are still scanned and delivered; their claims wait for their records (`store.write_failed`), `/readyz` fails `verdict_store`, `watcher_verdict_store_up` is 0, webhooks wait",
+        alerted=True,
     ),
     "store.write_failed": Event(
         "ERROR",

@@ -213,7 +213,11 @@ class PostgresStore:
     def _connect(self) -> Conn:
         conn = psycopg.connect(**self._params)
         if not self._schema_ready:
-            self._create_schema(conn)
+            try:
+                self._create_schema(conn)
+            except BaseException:
+                conn.close()
+                raise
         return conn
 
     def _create_schema(self, conn: Conn) -> None:
@@ -245,6 +249,8 @@ class PostgresStore:
                 with self._guard(), self._watchdog.watch(conn):
                     yield conn
             except BaseException:
+                if conn.broken:  # the server went away: its other sessions went with it
+                    self._drop_idle()
                 self._checkin(conn, keep=not conn.broken and not conn.closed)
                 raise
         except StoreUnavailable as err:
@@ -279,6 +285,14 @@ class PostgresStore:
                 self._count -= 1
                 self._cond.notify()
             raise
+
+    def _drop_idle(self) -> None:
+        with self._cond:
+            idle, self._idle = self._idle, []
+            self._count -= len(idle)
+            self._cond.notify_all()
+        for conn in idle:
+            conn.close()
 
     def _checkin(self, conn: Conn, keep: bool) -> None:
         with self._cond:

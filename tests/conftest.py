@@ -213,6 +213,15 @@ def database_url(postgres_server: Postgres) -> str:
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
+def store_settings(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Settings overrides for a daemon on each verdict store: none (SQLite in its state
+    directory), or a database of the test's own."""
+    if request.param == "sqlite":
+        return {}
+    return {"database_url": request.getfixturevalue("database_url")}
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
 def make_store(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> Iterator[Callable[..., VerdictStore]]:

@@ -97,9 +97,9 @@ def test_a_file_delivered_just_before_a_sigkill_has_its_verdict_after_the_restar
 
 
 def test_verdicts_by_content_list_every_file_with_those_bytes(
-    start_daemon: Start, dirs: dict[str, Path], events: Events
+    start_daemon: Start, dirs: dict[str, Path], events: Events, store_settings: dict[str, Any]
 ) -> None:
-    daemon = start_daemon()
+    daemon = start_daemon(**store_settings)
     (dirs["uploads"] / "a.txt").write_bytes(b"same bytes")
     (dirs["uploads"] / "b.txt").write_bytes(b"same bytes")
     events.wait_for("file.clean", count=2)
@@ -173,9 +173,9 @@ def test_retention_deletes_records_past_the_age_then_the_oldest_beyond_the_count
 
 
 def test_the_prune_job_applies_the_retention_settings(
-    make_settings: Callable[..., Settings], start_daemon: Start, events: Events
+    start_daemon: Start, events: Events, store_settings: dict[str, Any]
 ) -> None:
-    daemon = start_daemon(verdict_retention="1d", verdict_max_records=1000)
+    daemon = start_daemon(verdict_retention="1d", verdict_max_records=1000, **store_settings)
     store = daemon.daemon.recorder.store
     assert store is not None
     now = datetime.now(UTC)

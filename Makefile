@@ -56,6 +56,26 @@ run: install
 test: install test-deps
 	$(BIN)/pytest -q --require-clamd
 
+# Replicas on hosts simulated with network and mount namespaces (root; about 1.5 minutes; not part
+# of `make test`): exactly-once through a host's death and a clamd outage, leases where locks
+# are kernel-local (bindfs, as NFS `nolock`). tests/test_hosts.py, tests/harness/hosts.py.
+.PHONY: replicas-test
+replicas-test: install hosts-deps
+	$(BIN)/pytest -q --require-clamd --hosts tests/test_hosts.py
+
+# Files/s with 1, 2, 3 replicas (each its own host and clamd) and 1, 2, 3 clamd endpoints,
+# alternating rounds, medians and CPU per file (several minutes). docs/scaling.md.
+.PHONY: bench-replicas
+bench-replicas: install hosts-deps
+	cd bench && $(abspath $(BIN))/python replicas_bench.py $(REPLICAS_BENCH_ARGS)
+
+# unshare/nsenter (util-linux), ip (iproute2), bindfs (a FUSE view whose locks stay its own).
+.PHONY: hosts-deps
+hosts-deps:
+	@if ! dpkg -s iproute2 bindfs fuse3 util-linux >/dev/null 2>&1; then \
+	  apt-get update -qq && $(APT_ENV) apt-get install -y -qq --no-install-recommends iproute2 bindfs fuse3 util-linux; \
+	fi
+
 # Throughput, latency, memory and idle CPU against clamd's own limit (several minutes).
 bench: install
 	$(BIN)/python bench/bench.py

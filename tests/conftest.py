@@ -42,6 +42,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="store_true",
         help="a missing clamd fails the run instead of skipping the tests that need it",
     )
+    parser.addoption(
+        "--hosts",
+        action="store_true",
+        help="also run the replicas-on-simulated-hosts tests (root, minutes: make replicas-test)",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -50,6 +55,11 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not config.getoption("--hosts"):  # tests/test_hosts.py: `make replicas-test` runs them
+        hosts = [item for item in items if item.get_closest_marker("hosts") is not None]
+        if hosts:
+            config.hook.pytest_deselected(items=hosts)
+            items[:] = [item for item in items if item.get_closest_marker("hosts") is None]
     missing = clamd_binary() is None
     for item in items:
         if CLAMD_FIXTURES & set(getattr(item, "fixturenames", ())):
@@ -110,6 +120,7 @@ def _settings(dirs: dict[str, Path], socket: Path, definitions: Path) -> Callabl
             "clamav_socket": socket,
             "settle_s": 0.3,
             "sweep_interval_s": 30,
+            "staging_lease_s": 2,  # a killed daemon's claims adopted within ~3 s, not 40
             "shutdown_grace_s": 10,
             "update_command": "",  # never freshclam against the real mirrors from a test
             "definitions_dir": definitions,
@@ -162,6 +173,7 @@ def subprocess_env(dirs: dict[str, Path], clamd_server: Clamd) -> dict[str, str]
         dirs,
         clamd_server,
         WATCHER_SETTLE_S="0.3",
+        WATCHER_STAGING_LEASE_S="2",
         WATCHER_UPDATE_COMMAND="",
         WATCHER_DEFINITIONS_DIR=str(clamd_server.db),
         WATCHER_HTTP_ADDR="127.0.0.1:0",

@@ -29,28 +29,51 @@ def _claim(staging: Staging, uploads: Path, rel: str) -> Claim | None:
 
 
 def _die(staging: Staging) -> None:
-    """What SIGKILL does to a daemon's staging: its flock and open journal just vanish."""
+    """What SIGKILL does to a daemon's staging: its flock and open journal just vanish, and
+    its lease is renewed no more."""
     os.close(staging._lock_fd)  # type: ignore[arg-type]
+
+
+class Clock:
+    """A monotonic clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _recover_after_lease(staging: Staging, clock: Clock) -> list[Claim]:
+    """A dead daemon's lease is seen unmoved for the whole bound, then its claims adopted."""
+    assert staging.recover() == []  # first look: the lease might still move
+    clock.now += LEASE_S
+    staging.renew_lease()
+    return staging.recover()
+
+
+LEASE_S = 30.0
 
 
 def test_recovery_redoes_claims_left_by_a_dead_daemon(tmp_path: Path) -> None:
     uploads = tmp_path / "uploads"
     uploads.mkdir()
-    dead = Staging(uploads / ".watcher")
+    clock = Clock()
+    dead = Staging(uploads / ".watcher", LEASE_S, clock)
     dead.open()
     (uploads / "sub dir").mkdir()
     _claim_files(dead, uploads, "sub dir/a\nb ü.txt", b"a")
     _die(dead)
-    alive = Staging(uploads / ".watcher")
+    alive = Staging(uploads / ".watcher", LEASE_S, clock)
     alive.open()
-    claims = alive.recover()
+    claims = _recover_after_lease(alive, clock)
     assert [c.rel for c in claims] == ["sub dir/a\nb ü.txt"]
     assert claims[0].data.read_bytes() == b"a" and claims[0].data.parent == alive.dir
     assert not dead.dir.exists()
     _die(alive)  # and dies again before finishing: the claim moves on, name intact
-    third = Staging(uploads / ".watcher")
+    third = Staging(uploads / ".watcher", LEASE_S, clock)
     third.open()
-    assert [c.rel for c in third.recover()] == ["sub dir/a\nb ü.txt"]
+    assert [c.rel for c in _recover_after_lease(third, clock)] == ["sub dir/a\nb ü.txt"]
 
 
 def test_recovery_leaves_a_living_daemons_claims_alone(tmp_path: Path) -> None:
@@ -68,7 +91,8 @@ def test_recovery_leaves_a_living_daemons_claims_alone(tmp_path: Path) -> None:
 def test_crash_between_link_and_unlink_is_finished_not_delivered_twice(tmp_path: Path) -> None:
     uploads, processed = tmp_path / "uploads", tmp_path / "processed"
     uploads.mkdir()
-    dead = Staging(uploads / ".watcher")
+    clock = Clock()
+    dead = Staging(uploads / ".watcher", LEASE_S, clock)
     dead.open()
     processed.mkdir()
     data = _claim_files(dead, uploads, "c.txt", b"c")
@@ -77,11 +101,11 @@ def test_crash_between_link_and_unlink_is_finished_not_delivered_twice(tmp_path:
     dead.journal.note(Claim(claim_id, "c.txt", data, 0.0), str(processed / "c.txt"))
     os.link(data, processed / "c.txt")  # ... and the crash came before the unlink
     _die(dead)
-    staging = Staging(uploads / ".watcher")
+    staging = Staging(uploads / ".watcher", LEASE_S, clock)
     staging.open()
     deliverer = Deliverer(processed, tmp_path / "q", staging)
     deliverer.start()
-    (reloaded,) = staging.recover()
+    (reloaded,) = _recover_after_lease(staging, clock)
     assert reloaded.dest == str(processed / "c.txt")
     assert deliverer.finish_interrupted(reloaded) == processed / "c.txt"
     assert not reloaded.data.exists()
@@ -94,7 +118,8 @@ def test_crash_between_link_and_unlink_is_finished_not_delivered_twice(tmp_path:
 def test_journal_line_without_data_is_dropped_and_torn_lines_ignored(tmp_path: Path) -> None:
     uploads = tmp_path / "uploads"
     uploads.mkdir()
-    dead = Staging(uploads / ".watcher")
+    clock = Clock()
+    dead = Staging(uploads / ".watcher", LEASE_S, clock)
     dead.open()
     data = _claim_files(dead, uploads, "d.txt", b"d")
     _claim_files(dead, uploads, "e.txt", b"e")
@@ -102,9 +127,9 @@ def test_journal_line_without_data_is_dropped_and_torn_lines_ignored(tmp_path: P
     with open(next(dead.dir.glob("journal-*")), "ab") as journal:
         journal.write(b'{"id": "torn')
     _die(dead)
-    alive = Staging(uploads / ".watcher")
+    alive = Staging(uploads / ".watcher", LEASE_S, clock)
     alive.open()
-    assert [c.rel for c in alive.recover()] == ["e.txt"]
+    assert [c.rel for c in _recover_after_lease(alive, clock)] == ["e.txt"]
 
 
 def test_journal_segments_are_deleted_once_settled(

@@ -122,7 +122,8 @@ def test_each_default_in_the_settings_table_reads_as_the_fields_default() -> Non
 @pytest.mark.usefixtures("clean_env")
 def test_each_bound_in_the_settings_table_is_the_one_the_setting_enforces() -> None:
     """Integers show LOW and HIGH joined by an en dash; durations and sizes `≤ HIGH` (they must
-    be above 0); choices show every value, in order; true/false settings `true`, `false`."""
+    be above 0), or LOW and HIGH joined by an en dash for a duration with a lower bound;
+    choices show every value, in order; true/false settings `true`, `false`."""
     names = env_names()
     wrong = [
         f"{name}: {cell}: {problem}"
@@ -144,6 +145,13 @@ def bound_problem(field: str, cell: str) -> str | None:
         if not (accepts(field, low) and accepts(field, high)):
             return "refused"
         if accepts(field, low - 1) or accepts(field, high + 1):
+            return "the setting accepts more"
+        return None
+    if kind is float and EN_DASH in cell:  # a duration bounded below too (2s, 1h)
+        low, high = (parse_duration_s(part) for part in cell.split(EN_DASH))
+        if not (accepts(field, low) and accepts(field, high)):
+            return "refused"
+        if accepts(field, low * 0.999) or accepts(field, high * 1.001):
             return "the setting accepts more"
         return None
     if kind in (int, float):

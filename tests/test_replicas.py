@@ -14,7 +14,7 @@ from pathlib import Path
 from harness import EICAR
 from harness.clamd import Clamd
 from harness.daemon import DaemonProcess, daemon_env
-from harness.files import files_under, quarantined
+from harness.files import assert_each_exactly_once
 from watcher.clamav import ClamdScanner
 from watcher.errors import ClamdUnavailable
 
@@ -99,18 +99,6 @@ def ping_until(clamd: Clamd, stop: threading.Event, pings: list[float]) -> None:
             pings.append(float("inf"))
             continue
         pings.append(time.monotonic() - started)
-
-
-def assert_each_exactly_once(dirs: dict[str, Path], files: dict[str, bytes]) -> None:
-    assert files_under(dirs["processed"]) == {
-        k: v for k, v in files.items() if not v.endswith(EICAR)
-    }
-    records = quarantined(dirs["quarantine"])
-    assert {r["original_path"]: r["bytes"] for r in records} == {
-        k: v for k, v in files.items() if v.endswith(EICAR)
-    }
-    assert len(records) == sum(v.endswith(EICAR) for v in files.values())
-    assert files_under(dirs["uploads"]) == {}
 
 
 def test_four_replicas_on_one_clamd_drain_about_as_fast_as_one(

@@ -18,7 +18,13 @@ from harness import EICAR
 from harness.clamd import Clamd
 from harness.daemon import DaemonProcess
 from harness.events import Events, wait_until
-from harness.files import delivered_count, files_under, quarantined, staged
+from harness.files import (
+    assert_each_exactly_once,
+    delivered_count,
+    files_under,
+    quarantined,
+    staged,
+)
 from watcher.claims import Staging
 from watcher.service import Service
 from watcher.verdict import Clean, NotScanned, Verdict
@@ -42,16 +48,6 @@ def drop(uploads: Path, files: dict[str, bytes]) -> None:
         path = uploads / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(body)
-
-
-def assert_each_exactly_once(dirs: dict[str, Path], files: dict[str, bytes]) -> None:
-    clean = {k: v for k, v in files.items() if not v.endswith(EICAR)}
-    infected = {k: v for k, v in files.items() if v.endswith(EICAR)}
-    assert files_under(dirs["processed"]) == clean
-    records = quarantined(dirs["quarantine"])
-    assert sorted(r["original_path"] for r in records) == sorted(infected)
-    assert {r["original_path"]: r["bytes"] for r in records} == infected
-    assert files_under(dirs["uploads"]) == {}
 
 
 def test_clamd_down_files_wait_then_flow_when_it_returns(

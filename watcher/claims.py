@@ -11,8 +11,10 @@ The journal is one open file per daemon (a line per claim costs a `write`, where
 per claim cost a file creation, ~0.7 ms on a VM's ext4), in segments of about 1 MiB: a segment
 is deleted once every claim it announced has been released.
 
-Each daemon has its own directory, locked with flock for its lifetime, so two daemons on one
-uploads volume never process the same claim; a dead daemon's directory is adopted.
+Each daemon has its own directory, holding a lease it renews (watcher/leases.py) and locked
+with flock for its lifetime, so two daemons on one uploads volume never process the same claim;
+a dead daemon's directory is adopted: when its lease has not moved for the lease bound, and its
+flock (where the filesystem shares locks between hosts) is free.
 """
 
 from __future__ import annotations
@@ -25,12 +27,12 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from watcher.errors import StorageError
+from watcher.errors import LeaseLost, StorageError
 from watcher.fsops import (
     DIR_FLAGS,
     OPEN_UPLOAD_FLAGS,
@@ -41,6 +43,7 @@ from watcher.fsops import (
     split_rel,
     write_json_atomic,
 )
+from watcher.leases import LeaseWatch, OwnLease, read_stamp, take
 from watcher.logs import emit
 
 _DATA = ".data"
@@ -168,7 +171,9 @@ class Staging:
     directory of another owner planted under that name is moved aside, never used.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(
+        self, root: Path, lease_s: float = 30.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.root = root
         self.dir = root / f"d-{os.getpid()}-{secrets.token_hex(4)}"
         self.held_dir = root / HELD
@@ -176,6 +181,9 @@ class Staging:
         self.root_fd = -1  # held open: if someone renames `.watcher`, we keep using ours
         self.dir_fd = -1
         self._lock_fd: int | None = None
+        self.lease = OwnLease(lease_s, clock)
+        self._leases = LeaseWatch(lease_s, clock)  # the other daemons' directories
+        self._recovering = threading.Lock()
 
     def open(self) -> None:
         uploads_fd = open_root(self.root.parent)
@@ -189,11 +197,12 @@ class Staging:
         # moment must never see (and adopt) a `d-*` directory that has no lock yet.
         setting_up = f"t-{self.dir.name}"
         os.mkdir(setting_up, 0o700, dir_fd=root_fd)
+        self.dir_fd = os.open(setting_up, DIR_FLAGS, dir_fd=root_fd)  # the same once renamed
         lock_flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-        self._lock_fd = os.open(f"{setting_up}/lock", lock_flags, 0o600, dir_fd=root_fd)
+        self._lock_fd = os.open("lock", lock_flags, 0o600, dir_fd=self.dir_fd)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self.lease.create(self.dir_fd)
         os.rename(setting_up, self.dir.name, src_dir_fd=root_fd, dst_dir_fd=root_fd)
-        self.dir_fd = os.open(self.dir.name, DIR_FLAGS, dir_fd=root_fd)
         self.journal.open(self.dir_fd)
 
     def close(self) -> None:
@@ -201,18 +210,27 @@ class Staging:
         if self._lock_fd is None:
             return
         self.journal.close()
-        if not any(n.endswith(_DATA) for n in os.listdir(self.dir_fd)):
-            shutil.rmtree(self.dir.name, dir_fd=self.root_fd, ignore_errors=True)
-        for fd in (self.dir_fd, self.root_fd, self._lock_fd):
+        # Empty: removed. Claims left: released, for others to adopt at once. Taken over (the
+        # lease lost): the directory is the adopter's to empty.
+        empty = not self.lease.lost and not any(n.endswith(_DATA) for n in os.listdir(self.dir_fd))
+        if not empty:
+            self.lease.release()
+        self.lease.close()
+        for fd in (self.dir_fd, self._lock_fd):
             os.close(fd)
+        if empty:  # removed once nothing in it is open (see `_remove_closed`)
+            _remove_closed(self.root_fd, self.dir.name)
+        os.close(self.root_fd)
         self.dir_fd = self.root_fd = -1
         self._lock_fd = None
 
     def claim(self, parent_fd: int, name: str, rel: str) -> Claim | None:
         """Take ``name`` (in the uploads directory ``parent_fd``) for ourselves.
 
-        None if someone else took it first.
+        None if someone else took it first, or our lease is not fresh (the upload waits).
         """
+        if not self.lease.held():
+            return None
         claim_id = new_id()
         claim = Claim(claim_id, rel, self.dir / f"{claim_id}{_DATA}", time.time())
         self.journal.claim(claim)  # first: data without its journal line would lose its name
@@ -268,6 +286,8 @@ class Staging:
 
     def note_dest(self, claim: Claim, dest: str | Path) -> None:
         """Record the destination before the step that makes the file visible there."""
+        if not self.lease.held():  # another daemon may be adopting this claim
+            raise LeaseLost("our staging lease is not fresh: delivery waits")
         claim.dest = os.fspath(dest)
         self.journal.note(claim, claim.dest)
 
@@ -290,21 +310,52 @@ class Staging:
         self.journal.forget(claim)
         return self.held_dir / claim.name
 
+    def renew_lease(self) -> bool:
+        """Renew our lease (watcher/leases.py); False once another daemon took it."""
+        return self.lease.renew()
+
+    def orphans_due(self) -> bool:
+        """Whether some other daemon's lease has expired (looked at afresh)."""
+        with self._recovering:
+            return any(self._lease_expired(name) for name in self._others())
+
     def recover(self) -> list[Claim]:
-        """Adopt every unlocked (dead) daemon's directory and return the claims to redo."""
+        """Adopt every dead daemon's directory and return the claims to redo.
+
+        Dead: its lease has not moved for the lease bound (by our clock; from the first time
+        we look, so never at once unless it was released), and its flock is free.
+        """
+        with self._recovering:
+            return self._recover()
+
+    def _others(self) -> list[str]:
+        names = [n for n in os.listdir(self.root_fd) if n.startswith("d-") and n != self.dir.name]
+        self._leases.keep_only(set(names))
+        return sorted(names)
+
+    def _lease_expired(self, name: str) -> bool:
+        return self._leases.expired(name, read_stamp(self.root_fd, name))
+
+    def _recover(self) -> list[Claim]:
         claims: list[Claim] = []
-        names = sorted(os.listdir(self.root_fd))
-        for name in names:
-            if not name.startswith("d-") or name == self.dir.name:
+        if not self.lease.held():
+            return claims  # we may be the one about to be adopted
+        for name in self._others():
+            stamp = read_stamp(self.root_fd, name)
+            if not self._leases.expired(name, stamp):
                 continue
             lock_fd = self._lock_if_dead(name)
             if lock_fd is None:
                 continue
             try:
-                claims.extend(self._adopt(name))
-                shutil.rmtree(name, dir_fd=self.root_fd, ignore_errors=True)
+                adopted = take(self.root_fd, name, stamp, self.dir.name)
+                if adopted:
+                    claims.extend(self._adopt(name))
             finally:
                 os.close(lock_fd)
+            if adopted:
+                self._remove_adopted(name)
+        names = sorted(os.listdir(self.root_fd))
         for name in names:  # a start cut short: never held a claim
             if not name.startswith("t-") or name == f"t-{self.dir.name}":
                 continue
@@ -314,9 +365,25 @@ class Staging:
                     continue  # perhaps a daemon starting right now
             lock_fd = self._lock_if_dead(name)
             if lock_fd is not None:
-                shutil.rmtree(name, dir_fd=self.root_fd, ignore_errors=True)
                 os.close(lock_fd)
+                _remove_closed(self.root_fd, name)
         return claims
+
+    def _remove_adopted(self, name: str) -> None:
+        """Remove an adopted directory, unless data is in it again (an owner that woke from
+        a freeze longer than the lease): then it stays, leaseless, to be adopted later."""
+        fd = os.open(name, DIR_FLAGS, dir_fd=self.root_fd)
+        try:
+            left = os.listdir(fd)
+            if any(n.endswith(_DATA) for n in left):
+                return
+            for entry in left:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry, dir_fd=fd)
+        finally:
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            os.rmdir(name, dir_fd=self.root_fd)
 
     def _adopt(self, name: str) -> list[Claim]:
         """Journal each leftover claim in our journal, then move its data to our directory."""
@@ -351,7 +418,9 @@ class Staging:
         return claims
 
     def _lock_if_dead(self, name: str) -> int | None:
-        """Lock a dead daemon's directory (its flock died with it); None if its owner lives."""
+        """Lock a dead daemon's directory (its flock died with it); None if its owner holds
+        it. Only a "no" means anything: where locks are kernel-local (NFS ``nolock``, FUSE),
+        another host's lock is never seen, and only the lease tells."""
         flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
             fd = os.open(f"{name}/lock", flags, 0o600, dir_fd=self.root_fd)
@@ -363,6 +432,13 @@ class Staging:
             os.close(fd)
             return None
         return fd
+
+
+def _remove_closed(root_fd: int, name: str) -> None:
+    """Remove a staging directory once we hold nothing open in it: NFS and FUSE keep a file
+    that is unlinked while open under a hidden name (``.nfs…``, ``.fuse_hidden…``) until it
+    is closed, and the directory cannot be removed meanwhile (it would stay behind, empty)."""
+    shutil.rmtree(name, dir_fd=root_fd, ignore_errors=True)
 
 
 def _identity(st: os.stat_result) -> tuple[int, int]:

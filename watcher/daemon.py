@@ -31,6 +31,7 @@ from watcher.delivery import Deliverer
 from watcher.endpoints import EndpointStatus
 from watcher.errors import ClamdUnavailable
 from watcher.intake import Intake
+from watcher.leases import LeaseKeeper, renew_interval_s
 from watcher.logs import emit
 from watcher.pipeline import Pipeline, PipelineConfig, Result, RetryCause
 from watcher.recording import recorder_from_settings
@@ -76,6 +77,23 @@ class WorkQueue:
                 if now >= deadline:
                     return None
                 self._cond.wait(wake - now)
+
+    def take_claims(self, pick: Callable[[Claim], bool]) -> list[Claim]:
+        """Remove the due claims that `pick` chooses."""
+        now = time.monotonic()
+        with self._cond:
+            kept, taken = [], []
+            for entry in self._heap:
+                item = entry[3]
+                if entry[0] <= now and isinstance(item, Claim) and pick(item):
+                    taken.append(item)
+                    self._keys.discard(entry[2])
+                else:
+                    kept.append(entry)
+            if taken:
+                heapq.heapify(kept)
+                self._heap = kept
+        return taken
 
     def has_room(self) -> bool:
         """At most half full: worth sweeping for files whose hints did not fit."""
@@ -193,7 +211,14 @@ class Daemon:
         self.partition = partition
         self.scanner: Scanner = scanner or scanner_from_settings(settings)
         self.stop_event = threading.Event()
-        self.staging = Staging(settings.staging_root)
+        self.staging = Staging(settings.staging_root, settings.staging_lease_s)
+        self.lease_keeper = LeaseKeeper(
+            renew_interval_s(settings.staging_lease_s),
+            self.staging.renew_lease,
+            self.staging.orphans_due,
+            on_orphans=self._adopt_orphans,
+            on_lost=self._lease_lost,
+        )
         self.recorder = recorder_from_settings(settings)  # the verdict store: recording.py
         settle = self.recorder.settle if self.recorder.store is not None else None
         self.deliverer = Deliverer(
@@ -275,6 +300,7 @@ class Daemon:
         self.recorder.open()  # before any claim can be settled
         self.deliverer.start()
         self.staging.open()
+        self.lease_keeper.start()
         # clamd's threads are shared by every scan process: each gets its share of them.
         workers = -(-(s.workers or self._clamd_threads()) // self.partition.count)
         if not s.scanning_enabled:
@@ -326,6 +352,7 @@ class Daemon:
         if self._closed:
             return
         self._closed = True
+        self.lease_keeper.stop()
         self.staging.close()
         self.recorder.close()
         emit("watcher.stopped", unfinished=unfinished)
@@ -394,6 +421,12 @@ class Daemon:
             emit("staging.adopted", path=claim.rel, id=claim.id)
             self.queue.offer(claim, force=True)
 
+    def _lease_lost(self) -> None:
+        """Another daemon took our lease (we were frozen or cut off longer than it): our
+        claims are its now. Stop; a supervisor starts us afresh."""
+        emit("staging.lease_lost", dir=str(self.staging.dir))
+        self.stop_event.set()
+
     def _check_clamd(self) -> None:
         """Canaries (watcher/canaries.py) for a real clamd; a test's scripted scanner is trusted."""
         if self.settings.scanning_enabled and isinstance(self.scanner, ClamdScanner):
@@ -426,10 +459,19 @@ class Daemon:
         if isinstance(self.scanner, ClamdScanner):
             self.scanner.keep_session()
         while not self.stop_event.is_set():
-            if not self.clamd.up.wait(timeout=0.5) or not self.clamd_check.trusted.wait(0.5):
-                continue  # clamd is down, or answered a canary wrongly: files wait
+            if not self.clamd.up.wait(timeout=0.5):
+                self._hand_back_claims()  # clamd is down: files wait, for us or others
+                continue
+            if not self.clamd_check.trusted.wait(0.5):
+                continue  # clamd answered a canary wrongly: files wait
+            if not self.staging.lease.held():
+                self.stop_event.wait(0.5)  # our lease lapsed: our claims may be adopted
+                continue
             item = self.queue.get(timeout_s=0.5)
             if item is None:
+                continue
+            if not self.clamd.up.is_set():  # it went down while we waited for work
+                self.queue.offer(item, force=True)
                 continue
             with self._count_lock:
                 self.in_flight += 1
@@ -486,10 +528,37 @@ class Daemon:
         for dest in emptied:
             emit("storage.ok", dest=_str(dest))
 
+    def _hand_back_claims(self) -> None:
+        """While clamd is down, put our queued claims back into uploads (`file.released`),
+        where another replica whose clamd answers takes them. A claim whose scan already
+        failed (clamd died under it: the file may be what kills it) is kept for the lease
+        bound, so that a clamd restarted meanwhile counts its attempts to the limit; past
+        that we are as good as dead to it, and it goes too."""
+        down_since = self.clamd.down_since
+        if down_since is None:
+            return
+        long_down = time.monotonic() - down_since >= self.settings.staging_lease_s
+
+        def waits_for_clamd(claim: Claim) -> bool:
+            # Not one with a verdict or a delivery begun: it needs no clamd, and may already
+            # be in its destination (then a copy back in uploads would be delivered twice).
+            unscanned = claim.verdict is None and claim.dest is None
+            return unscanned and (long_down or claim.attempts == 0)
+
+        for claim in self.queue.take_claims(waits_for_clamd):
+            if self.staging.unclaim(claim, self.settings.uploads_dir):
+                emit("file.released", path=claim.rel, reason="clamd is down")
+            else:  # its name was taken meanwhile: it stays ours, and waits
+                self.queue.offer(claim, delay_s=self.settings.staging_lease_s, force=True)
+
     def _schedule_retry(self, result: Result) -> None:
         assert result.claim is not None
         if result.retry_cause is RetryCause.CLAMD_DOWN:
             self.clamd.mark_down(result.reason or "")
+            if self.staging.unclaim(result.claim, self.settings.uploads_dir):
+                # Back in uploads, where it waits for us or for another replica's clamd.
+                emit("file.released", path=result.rel, reason=result.reason)
+                return
         elif result.retry_cause is RetryCause.DELIVERY:
             self.destinations.failed(_str(result.dest) or "?", result.reason or "")
         elif result.retry_cause is RetryCause.STORAGE_FULL:

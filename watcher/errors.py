@@ -4,7 +4,8 @@ WatcherError
 ├── ConfigError          invalid or missing configuration (the CLI exits 2)
 ├── ClamdUnavailable     clamd could not be reached or did not answer in time (transient)
 ├── StorageError         a delivery to a destination (processed, quarantine) failed: files wait
-│   └── StorageFull      ENOSPC / EDQUOT on a destination (transient: wait for space)
+│   ├── StorageFull      ENOSPC / EDQUOT on a destination (transient: wait for space)
+│   └── LeaseLost        our staging lease is not fresh: no delivery until it is (leases.py)
 ├── QuarantineError      a quarantine entry cannot be restored or deleted (refused, damaged)
 │   └── EntryNotFound    no quarantine entry with that id
 └── StoreUnavailable     the verdict store cannot take a write now (locked, full, gone): retry
@@ -38,6 +39,11 @@ class StorageError(WatcherError):
 
 class StorageFull(StorageError):
     """A destination filesystem is full; the file stays where it is until space returns."""
+
+
+class LeaseLost(StorageError):
+    """Our staging lease was not renewed lately (or was taken): another daemon may be adopting
+    our claims, so we deliver none until it is renewed."""
 
 
 class QuarantineError(WatcherError):

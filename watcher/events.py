@@ -219,6 +219,12 @@ CATALOG: dict[str, Event] = {
         "path, dest",
         "a delivery cut short by a crash was finished",
     ),
+    "file.released": Event(
+        "INFO",
+        "clamd is down: the claim goes back to uploads",
+        "path, reason",
+        "a file claimed when clamd went down is put back under its name in uploads, where it waits for clamd, or for another replica whose clamd answers; one whose scan clamd broke off (clamd died under it) only once clamd has been down for WATCHER_STAGING_LEASE_S",
+    ),
     "file.rejected": Event(
         "WARNING",
         "not scanned",
@@ -402,7 +408,19 @@ CATALOG: dict[str, Event] = {
         "INFO",
         "took over a stopped daemon's claim",
         "path, id",
-        "a claim left by a stopped or dead daemon is taken over (at start and each full sweep)",
+        "a claim left by a stopped or dead daemon is taken over: once that daemon's lease has not moved for WATCHER_STAGING_LEASE_S (at once after a clean stop), and its flock is free",
+    ),
+    "staging.lease_failed": Event(
+        "ERROR",
+        "could not renew our staging lease or look at the others'",
+        "exception",
+        "renewing our lease failed (the uploads volume is failing?): after half of WATCHER_STAGING_LEASE_S the daemon claims and delivers nothing until a renewal succeeds",
+    ),
+    "staging.lease_lost": Event(
+        "ERROR",
+        "another daemon took over our claims: stopping",
+        "dir",
+        "our lease was not renewed for WATCHER_STAGING_LEASE_S (the daemon was frozen, or cut off from the uploads volume) and another daemon adopted our claims; the daemon stops, to be started afresh",
     ),
     "staging.impostor": Event(
         "ERROR",

@@ -114,6 +114,9 @@ class Settings(BaseSettings):
     poll_interval_s: Seconds = 2.0
     settle_s: Seconds = 2.0
     sweep_interval_s: Seconds = 60.0
+    # Another daemon on the uploads volume is dead once its staging lease has not moved for
+    # this long (watcher/leases.py): its claims are then adopted.
+    staging_lease_s: Seconds = Field(30.0, ge=2, le=HOUR)
     ignore_patterns: Annotated[tuple[str, ...], NoDecode] = DEFAULT_IGNORE
     max_file_bytes: Bytes = 100 * 1024 * 1024
     unscannable_policy: Literal["quarantine", "hold"] = "quarantine"

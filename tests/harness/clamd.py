@@ -37,7 +37,9 @@ class Clamd:
     need another clamd: benchmarks (``disable_cache``: clamd caches clean results by hash, a
     benchmark would measure nothing), a full queue (``max_queue``), encrypted archives flagged
     by clamd itself (``alert_encrypted``), TCP besides the unix socket (``tcp_host``, e.g.
-    ``127.0.0.2``: each loopback address a host); anything else goes into ``extra_conf``."""
+    ``127.0.0.2``: each loopback address a host); anything else goes into ``extra_conf``.
+    On a simulated host (harness.hosts), ``prefix`` runs clamd there, ``local_socket`` is its
+    socket as clamd names it and ``socket`` the way the test reaches it."""
 
     def __init__(
         self,
@@ -50,12 +52,17 @@ class Clamd:
         disable_cache: bool = False,
         max_queue: int | None = None,
         tcp_host: str | None = None,
+        prefix: tuple[str, ...] = (),
+        socket: Path | None = None,
+        local_socket: Path | None = None,
     ) -> None:
         self.tcp = (tcp_host, free_port(tcp_host)) if tcp_host else None
         if self.tcp is not None:
             extra_conf += f"TCPSocket {self.tcp[1]}\nTCPAddr {self.tcp[0]}\n"
         self.root = root
-        self.socket = root / "clamd.sock"
+        self.socket = socket or root / "clamd.sock"
+        self.local_socket = local_socket or self.socket
+        self.prefix = prefix
         self.db = root / "db"
         self.conf = root / "clamd.conf"
         self.db.mkdir(parents=True, exist_ok=True)
@@ -69,7 +76,7 @@ class Clamd:
             f"MaxQueue {max_queue}": max_queue is not None,
         }
         self.conf.write_text(
-            f"LocalSocket {self.socket}\nDatabaseDirectory {self.db}\nForeground yes\n"
+            f"LocalSocket {self.local_socket}\nDatabaseDirectory {self.db}\nForeground yes\n"
             f"LogFile {root / 'clamd.log'}\nTemporaryDirectory {root / 'tmp'}\n"
             f"MaxThreads {max_threads}\nSelfCheck 3600\n"
             + "".join(f"{line}\n" for line, on in switches.items() if on)
@@ -95,7 +102,9 @@ class Clamd:
         if binary is None:
             raise FileNotFoundError("clamd is not installed (make install)")
         self.proc = subprocess.Popen(
-            [binary, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            [*self.prefix, binary, "-c", str(self.conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + timeout_s
         while not self.answers():

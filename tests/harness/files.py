@@ -30,7 +30,10 @@ def files_under(root: Path) -> dict[str, bytes]:
         for name in names:
             path = Path(dirpath) / name
             if path.is_file() and not path.is_symlink():
-                found[os.path.relpath(path, root)] = path.read_bytes()
+                try:
+                    found[os.path.relpath(path, root)] = path.read_bytes()
+                except FileNotFoundError:
+                    continue  # claimed while we walked: no longer there
     return found
 
 
@@ -91,6 +94,22 @@ def staged(uploads: Path) -> list[str]:
 def delivered_count(dirs: dict[str, Path]) -> int:
     complete = [r for r in quarantined(dirs["quarantine"]) if r["bytes"] is not None]
     return len(files_under(dirs["processed"])) + len(complete)
+
+
+def assert_each_exactly_once(dirs: dict[str, Path], files: dict[str, bytes]) -> None:
+    """Every file of `files` (relative path -> bytes; those ending in EICAR infected) ended
+    once, with its bytes: clean ones in processed, infected ones in quarantine (one record
+    each, under its original path); nothing else there, nothing left in uploads. (A delivered
+    claim keeps its staging name until an fsync: check `staged` once the daemons stopped.)"""
+    from harness import EICAR
+
+    clean = {k: v for k, v in files.items() if not v.endswith(EICAR)}
+    infected = {k: v for k, v in files.items() if v.endswith(EICAR)}
+    assert files_under(dirs["processed"]) == clean
+    records = quarantined(dirs["quarantine"])
+    assert sorted(r["original_path"] for r in records) == sorted(infected)
+    assert {r["original_path"]: r["bytes"] for r in records} == infected
+    assert files_under(dirs["uploads"]) == {}
 
 
 def count_files(directory: Path) -> int:

@@ -52,13 +52,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--compare", default="main", help="git revision (the A arm)")
     parser.add_argument("--source", type=Path, help="a source tree for the A arm instead")
+    parser.add_argument(
+        "--after", help="git revision for the B arm (default: this checkout as it is on disk)"
+    )
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--files", type=int, default=3000)
     args = parser.parse_args()
 
     base = Path(tempfile.mkdtemp(prefix="watcher-code-ab-", dir="/var/tmp"))
     old = args.source or export(args.compare, base / "old")
-    arms = {"before": old.resolve(), "after": ROOT}
+    new = export(args.after, base / "new") if args.after else ROOT
+    arms = {"before": old.resolve(), "after": new}
     runs: dict[str, list[dict[str, float]]] = {arm: [] for arm in arms}
     clamd = bench_clamd(base / "clamd")
     try:

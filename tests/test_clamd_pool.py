@@ -121,7 +121,12 @@ def test_scans_spread_over_every_endpoint_and_one_stopped_one_frozen_lose_nothin
         stopped.stop()
         frozen.freeze()
         expected |= write_batch(dirs["uploads"], 65, 40)
-        wait_until(lambda: delivered(dirs) == 105, 90, "every file delivered")
+        # A delivered claim leaves staging once its record is committed (watcher/recording.py).
+        wait_until(
+            lambda: delivered(dirs) == 105 and staged(dirs["uploads"]) == [],
+            90,
+            "every file delivered and its claim dropped",
+        )
 
         clean = {k: v for k, v in expected.items() if v != EICAR}
         assert files_under(dirs["processed"]) == clean

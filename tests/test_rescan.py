@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from archive_cases import CLEAN, INFECTED, python_zip
 from harness import EICAR
 from harness.clamd import Clamd
 from harness.events import Events, wait_until
@@ -108,6 +109,28 @@ def test_rescan_skips_files_replaced_or_gone_and_deliveries_outside_the_window(
     assert meta["processed_path"] == "a/infected.com" and meta["detected_late"] is True
     assert not kept.exists()
     events.wait_for("file.infected_late", path="a/infected.com")
+
+
+def test_rescan_looks_into_archives_clamd_cannot_read(
+    make_settings: MakeSettings, dirs: dict[str, Path], events: Events
+) -> None:
+    """A ZIP64 (clamd 1.4 answers OK for it) delivered before its member's signature existed
+    is caught by the rescan, as at delivery; its clean twin stays."""
+    settings = make_settings()
+    jobs = Jobs(settings, scanner_from_settings(settings), DefinitionsState())
+    infected, clean = python_zip(INFECTED, zip64=True), python_zip(CLEAN, zip64=True)
+    plant_delivery(jobs, dirs["processed"] / "in" / "bad.zip", infected)
+    plant_delivery(jobs, dirs["processed"] / "good.zip", clean)
+
+    report = jobs.rescanner.run(datetime.now(UTC))
+
+    assert (report.scanned, report.infected, report.failed) == (2, 1, 0)
+    assert files_under(dirs["processed"]) == {"good.zip": clean}
+    (meta,) = quarantined(dirs["quarantine"])
+    assert meta["original_path"] == "in/bad.zip" and meta["bytes"] == infected
+    assert meta["detected_late"] is True
+    (late,) = events.wait_for("file.infected_late", path="in/bad.zip")
+    assert late["signature"]
 
 
 def test_rescan_moves_a_late_detection_across_filesystems(

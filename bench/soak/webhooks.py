@@ -13,13 +13,12 @@ from __future__ import annotations
 import json
 import os
 import random
-import socket
 import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from harness.receiver import Receiver
 from soak.corpus import Upload
 from watcher.push.webhooks import verify
 
@@ -29,17 +28,14 @@ OUTAGES = 2
 
 class WebhookReceiver:
     def __init__(self) -> None:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = int(sock.getsockname()[1])
         self.events: dict[str, dict[str, Any]] = {}
         self.counts: Counter[str] = Counter()  # received, repeated, refused
         self._lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
+        self._http = Receiver(answer=self.take)  # one port, kept across its outages
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hook"
+        return self._http.url
 
     def env(self) -> dict[str, str]:
         return {
@@ -50,31 +46,10 @@ class WebhookReceiver:
         }
 
     def start(self) -> None:
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                status = receiver.take(dict(self.headers), body)
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        ThreadingHTTPServer.allow_reuse_address = True
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self._http.start()
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        self._http.stop()
 
     def take(self, headers: dict[str, str], body: bytes) -> int:
         if not verify(SECRET, headers, body, time.time()):

@@ -1,7 +1,9 @@
 """A real HTTP receiver on loopback for webhooks and Apprise's json:// notifications.
 
 It records every POST (headers, body); it can answer with another status, be slow, and be
-stopped and started again on the same port (a receiver that is down, then back).
+stopped and started again on the same port (a receiver that is down, then back). With `answer`,
+each POST goes to that function instead, which keeps what it needs and returns the status (the
+soak's receiver: bench/soak/webhooks.py).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -28,10 +31,17 @@ class Post:
 
 
 class Receiver:
-    def __init__(self, port: int | None = None, status: int = 200, delay_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        status: int = 200,
+        delay_s: float = 0.0,
+        answer: Callable[[dict[str, str], bytes], int] | None = None,
+    ) -> None:
         self.port = port or free_port()
         self.status = status
         self.delay_s = delay_s
+        self.answer = answer
         self.posts: list[Post] = []
         self._cond = threading.Condition()
         self._server: ThreadingHTTPServer | None = None
@@ -50,10 +60,15 @@ class Receiver:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length)
                 time.sleep(receiver.delay_s)
-                with receiver._cond:
-                    receiver.posts.append(Post(self.path, dict(self.headers), body, time.time()))
-                    receiver._cond.notify_all()
-                self.send_response(receiver.status)
+                if receiver.answer is not None:
+                    status = receiver.answer(dict(self.headers), body)
+                else:
+                    status = receiver.status
+                    with receiver._cond:
+                        post = Post(self.path, dict(self.headers), body, time.time())
+                        receiver.posts.append(post)
+                        receiver._cond.notify_all()
+                self.send_response(status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 

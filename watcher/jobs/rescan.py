@@ -3,7 +3,9 @@
 A file delivered clean may be detected by newer signatures, and the app may already have served
 it: `file.infected_late` at ERROR is the alert that matters most. The file leaves processed for
 the quarantine (metadata ``detected_late: true``) by link-then-unlink, never overwriting, and only
-if processed still holds the very file we delivered (same device and inode).
+if processed still holds the very file we delivered (same device and inode). Archives are looked
+into as at delivery (watcher/archives.py): new signatures for a member of a ZIP64 or a second
+zip clamd does not read would otherwise never reach it.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from watcher.jobs.deliveries import Delivery, DeliveryLog
 from watcher.logs import emit
 from watcher.quarantine import new_record
 from watcher.store import VerdictRecord
-from watcher.verdict import Infected, NotScanned, Outcome
+from watcher.verdict import Infected, NotScanned, Outcome, Verdict
 
 
 @dataclass
@@ -58,8 +60,10 @@ class Rescanner:
         stop: threading.Event,
         allowlisted: Callable[[str], bool] = lambda sha256: False,
         on_late: Callable[[VerdictRecord, str], object] = lambda record, location: None,
+        look_inside: Callable[[int, Verdict], Verdict] = lambda fd, verdict: verdict,
     ) -> None:
         self.allowlisted = allowlisted
+        self.look_inside = look_inside  # archives.Inspector.check, as the pipeline does
         self.on_late = on_late  # recording.Recorder.mark_late: the store, the webhooks
         self.scanner = scanner
         self.log = log
@@ -110,7 +114,7 @@ class Rescanner:
             if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (entry.dev, entry.ino):
                 report.skipped += 1
                 return
-            verdict = self.scanner.scan_fd(fd)
+            verdict = self.look_inside(fd, self.scanner.scan_fd(fd))
             report.scanned += 1
             if isinstance(verdict, Infected) and entry.sha256 and self.allowlisted(entry.sha256):
                 report.skipped += 1  # an operator restored these bytes as a false positive

@@ -7,6 +7,7 @@ name is never a format string.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -103,7 +104,14 @@ class _Direct:
         text = _encode_json(line) + "\n"
         with self._sink.lock:
             self._sink._stream.write(text)
-            self._sink._stream.flush()
+            try:
+                self._sink._stream.flush()
+            except Exception as err:  # the line is written (buffered): never twice
+                raise _Written from err
+
+
+class _Written(Exception):
+    """A direct line reached the stream, but flushing it failed."""
 
 
 _direct: _Direct | None = None
@@ -182,7 +190,10 @@ def emit(name: str, /, *, exception: BaseException | bool | None = None, **field
         if direct.wanted(spec.level):
             try:
                 direct.write(name, spec.level, spec.message, fields)
-            except Exception:  # e.g. a closed stdout: loguru's way of reporting it, as before
+            except _Written as err:  # reported on stderr, as loguru reports a failing sink
+                with contextlib.suppress(Exception):  # emit never raises (nor did loguru)
+                    print(f"watcher: writing the log failed: {err.__cause__!r}", file=sys.stderr)
+            except Exception:  # nothing written (e.g. a closed stdout): loguru's way, as before
                 _log(name, spec.level, spec.message, None, fields)
     else:
         _log(name, spec.level, spec.message, exception, fields)

@@ -30,7 +30,10 @@ def files_under(root: Path) -> dict[str, bytes]:
         for name in names:
             path = Path(dirpath) / name
             if path.is_file() and not path.is_symlink():
-                found[os.path.relpath(path, root)] = path.read_bytes()
+                try:
+                    found[os.path.relpath(path, root)] = path.read_bytes()
+                except FileNotFoundError:
+                    continue  # taken away since the listing (a daemon claimed it): not here
     return found
 
 

@@ -4,8 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DEBIAN_PACKAGES := clamav-daemon clamav-freshclam clamdscan clamav-testfiles inotify-tools python3-venv
-# The archive tests build their cases with the real tools (tests/archive_cases.py).
-TEST_DEBIAN_PACKAGES := zip p7zip-full
+# The archive tests build their cases with the real tools (tests/archive_cases.py); the
+# PostgreSQL verdict store's tests run a real server (tests/harness/postgres.py).
+TEST_DEBIAN_PACKAGES := zip p7zip-full postgresql-15
 APT_ENV := DEBIAN_FRONTEND=noninteractive
 LOGQL := tests/logql/node_modules/.installed
 
@@ -23,10 +24,12 @@ deps:
 # Only the tests need these: zip and 7z build the archive cases; promtool (in Debian's
 # prometheus) checks the alert rules; node runs the Node.js example and Grafana's LogQL grammar;
 # kubectl (Debian's kubernetes-client) renders the Kubernetes manifests with its kustomize.
-# Each is installed only if missing. Debian's prometheus starts a server on :9090 where systemd runs: we want promtool only.
+# Each is installed only if missing. Debian's prometheus starts a server on :9090 where systemd runs: we want promtool only;
+# the same for postgresql-15's cluster on :5432 (the tests start their own, as the postgres user).
 test-deps: $(LOGQL)
 	@if ! dpkg -s $(TEST_DEBIAN_PACKAGES) >/dev/null 2>&1; then \
-	  apt-get update -qq && $(APT_ENV) apt-get install -y -qq --no-install-recommends $(TEST_DEBIAN_PACKAGES); \
+	  apt-get update -qq && $(APT_ENV) apt-get install -y -qq --no-install-recommends $(TEST_DEBIAN_PACKAGES) && \
+	  { [ ! -d /run/systemd/system ] || systemctl disable --now postgresql >/dev/null 2>&1 || true; }; \
 	fi
 	@command -v kubectl >/dev/null || { \
 	  apt-get update -qq && $(APT_ENV) apt-get install -y -qq --no-install-recommends kubernetes-client; }

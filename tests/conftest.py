@@ -20,11 +20,16 @@ from harness.clamd import Clamd, clamd_binary
 from harness.daemon import daemon_env
 from harness.events import Events, loguru_events
 from harness.mirror import SignatureServer
+from harness.postgres import Postgres
+from harness.postgres import available as postgres_available
 from watcher.clamav import scanner_from_settings
 from watcher.definitions import DefinitionsState
 from watcher.jobs import Jobs
 from watcher.service import Service
 from watcher.settings import Settings
+from watcher.store import STORE_FILE, VerdictStore
+from watcher.store.postgres import PostgresStore
+from watcher.store.sqlite import SqliteStore
 
 # Every clamd a test gets comes from one of these two.
 CLAMD_FIXTURES = frozenset({"clamd_server", "make_clamd"})
@@ -185,3 +190,56 @@ def jobs_for(events: Events) -> Iterator[Callable[[Settings], Jobs]]:
     yield make
     for jobs in started:
         jobs.shutdown(10)
+
+
+@pytest.fixture(scope="session")
+def postgres_server(request: pytest.FixtureRequest) -> Iterator[Postgres]:
+    """One real PostgreSQL for the session (harness.postgres); tests that stop it start it
+    again. Missing under `make test` (--require-clamd: a full run) fails the run."""
+    missing = postgres_available()
+    if missing is not None:
+        if request.config.getoption("--require-clamd"):
+            pytest.fail(missing)
+        pytest.skip(missing)
+    server = Postgres().init().start()
+    yield server
+    server.destroy()
+
+
+@pytest.fixture
+def database_url(postgres_server: Postgres) -> str:
+    """A database of the test's own on the session's server (a password in the URL)."""
+    return postgres_server.create_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_settings(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Settings overrides for a daemon on each verdict store: none (SQLite in its state
+    directory), or a database of the test's own."""
+    if request.param == "sqlite":
+        return {}
+    return {"database_url": request.getfixturevalue("database_url")}
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def make_store(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[Callable[..., VerdictStore]]:
+    """The verdict store's contract, run against each backend: `make_store()` opens a store
+    (again on the same data when called again); all are closed at the end of the test."""
+    opened: list[VerdictStore] = []
+    url = request.getfixturevalue("database_url") if request.param == "postgresql" else ""
+
+    def make(mixin: type[Any] | None = None) -> VerdictStore:
+        """`mixin`: a class whose methods go before the backend's (one seam faked)."""
+        base: type[Any] = PostgresStore if request.param == "postgresql" else SqliteStore
+        cls = base if mixin is None else type("Store", (mixin, base), {})
+        arg = url if request.param == "postgresql" else tmp_path / STORE_FILE
+        store: VerdictStore = cls(arg, 5.0) if request.param == "postgresql" else cls(arg)
+        store.open()
+        opened.append(store)
+        return store
+
+    yield make
+    for store in opened:
+        store.close()

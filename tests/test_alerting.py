@@ -73,6 +73,8 @@ SCENARIOS = [
     ("WatcherClamdUntrusted", 'watcher_clamd_trusted{instance="a"}', "1 1x5", 3, None),
     ("WatcherDeliveryFailing", 'watcher_delivery_failing{instance="a"}', "0 1x5", 1, None),
     ("WatcherQuarantineGrowing", 'watcher_quarantine_files{instance="a"}', "0+1x70", 65, {}),
+    ("WatcherVerdictStoreDown", 'watcher_verdict_store_up{instance="a"}', "1 0x7", 6, {}),
+    ("WatcherVerdictStoreDown", 'watcher_verdict_store_up{instance="a"}', "1 0 0 1 1", 4, None),
     ("WatcherWebhookDeadLetters",
      'watcher_events_total{instance="a",event="webhook.dead",level="ERROR"}', "0 0 1 1", 3,
      {"event": "webhook.dead"}),

@@ -24,10 +24,10 @@ from watcher.claims import Claim
 from watcher.recording import Recorder
 from watcher.service import Service
 from watcher.settings import Settings
-from watcher.store import STORE_FILE, VerdictRecord
-from watcher.store.sqlite import SqliteStore
+from watcher.store import STORE_FILE, VerdictRecord, VerdictStore
 
 Start = Callable[..., Service]
+MakeStore = Callable[..., VerdictStore]
 
 
 def sha(data: bytes) -> str:
@@ -97,9 +97,9 @@ def test_a_file_delivered_just_before_a_sigkill_has_its_verdict_after_the_restar
 
 
 def test_verdicts_by_content_list_every_file_with_those_bytes(
-    start_daemon: Start, dirs: dict[str, Path], events: Events
+    start_daemon: Start, dirs: dict[str, Path], events: Events, store_settings: dict[str, Any]
 ) -> None:
-    daemon = start_daemon()
+    daemon = start_daemon(**store_settings)
     (dirs["uploads"] / "a.txt").write_bytes(b"same bytes")
     (dirs["uploads"] / "b.txt").write_bytes(b"same bytes")
     events.wait_for("file.clean", count=2)
@@ -162,22 +162,20 @@ def record(n: int, at: float, path: str = "f") -> VerdictRecord:
 
 
 def test_retention_deletes_records_past_the_age_then_the_oldest_beyond_the_count(
-    tmp_path: Path,
+    make_store: MakeStore,
 ) -> None:
-    store = SqliteStore(tmp_path / STORE_FILE)
-    store.open()
+    store = make_store()
     now = time.time()
     store.record([record(n, now - 100 + n) for n in range(10)] + [record(99, now - 10_000)])
     assert store.prune(older_than=now - 1000, max_records=6) == 5  # the ancient one, 4 oldest
     assert store.by_path("f99") is None and store.by_path("f3") is None
     assert [store.by_path(f"f{n}") is not None for n in range(4, 10)] == [True] * 6
-    store.close()
 
 
 def test_the_prune_job_applies_the_retention_settings(
-    make_settings: Callable[..., Settings], start_daemon: Start, events: Events
+    start_daemon: Start, events: Events, store_settings: dict[str, Any]
 ) -> None:
-    daemon = start_daemon(verdict_retention="1d", verdict_max_records=1000)
+    daemon = start_daemon(verdict_retention="1d", verdict_max_records=1000, **store_settings)
     store = daemon.daemon.recorder.store
     assert store is not None
     now = datetime.now(UTC)
@@ -189,9 +187,8 @@ def test_the_prune_job_applies_the_retention_settings(
     assert store.by_path("f2") is not None and store.by_path("f1") is None
 
 
-def test_names_that_are_not_utf8_are_stored_and_found(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path / STORE_FILE)
-    store.open()
+def test_names_that_are_not_utf8_are_stored_and_found(make_store: MakeStore) -> None:
+    store = make_store()
     name = b"caf\xe9 \xff.txt".decode("utf-8", "surrogateescape")
     record = VerdictRecord(
         id="x",
@@ -205,7 +202,6 @@ def test_names_that_are_not_utf8_are_stored_and_found(tmp_path: Path) -> None:
     found = store.by_path(name)
     assert found is not None and found.path == name and found.location == f"processed/{name}"
     assert found.reason == "cannot read caf\\udce9 \\udcff.txt"  # escaped, not refused
-    store.close()
 
 
 def test_an_upload_whose_name_is_not_utf8_has_its_verdict_stored_and_pushed(
@@ -233,18 +229,17 @@ def test_an_upload_whose_name_is_not_utf8_has_its_verdict_stored_and_pushed(
 
 
 def test_a_record_the_store_can_never_take_does_not_hold_back_the_others(
-    tmp_path: Path, events: Events
+    make_store: MakeStore, tmp_path: Path, events: Events
 ) -> None:
     """The one seam faked: a store refusing one record for good (a bug's stand-in)."""
 
-    class Refusing(SqliteStore):
+    class Refusing:
         def record(self, records: Any, events: Any = ()) -> None:
             if any(r.path == "poison" for r in records):
                 raise ValueError("cannot be stored")
-            super().record(records, events)
+            super().record(records, events)  # type: ignore[misc]
 
-    store = Refusing(tmp_path / STORE_FILE)
-    store.open()
+    store = make_store(Refusing)
     recorder = Recorder(store, str(tmp_path / "processed"), str(tmp_path / "quarantine"))
     claims = []
     for rel in ("a.txt", "poison", "b.txt"):
@@ -258,7 +253,6 @@ def test_a_record_the_store_can_never_take_does_not_hold_back_the_others(
     assert store.by_path("poison") is None
     (failed,) = events.named("store.write_failed")
     assert failed["path"] == "poison" and failed["reason"] == "cannot be stored"
-    store.close()
 
 
 def test_records_the_store_refused_are_written_once_it_takes_them_again(

@@ -84,11 +84,13 @@ def _metric(daemon: DaemonProcess, name: str) -> float | None:
 
 
 def test_an_event_refused_every_time_becomes_a_dead_letter_alerted_and_counted(
-    start_daemon: Start, dirs: dict[str, Path], events: Events
+    start_daemon: Start, dirs: dict[str, Path], events: Events, store_settings: dict[str, Any]
 ) -> None:
+    """On each verdict store (the outbox's bookkeeping: attempts, backoff, dead letters)."""
     receiver = Receiver(status=500).start()
     try:
         daemon = start_daemon(
+            **store_settings,
             webhook_url=receiver.url,
             webhook_secret=SECRET,
             webhook_max_attempts=3,

@@ -379,6 +379,19 @@ CATALOG: dict[str, Event] = {
         "reason",
         "clamd unreachable: retried at the next tick",
     ),
+    "store.available": Event(
+        "INFO",
+        "the verdict store takes writes again",
+        "backend, down_s",
+        "the first operation after `store.unavailable` went through; the claims that waited are settled within a second",
+    ),
+    "store.unavailable": Event(
+        "ERROR",
+        "the verdict store is unavailable: claims wait, nothing is lost",
+        "backend, reason",
+        "once per outage: the database is down or unreachable, or (SQLite) locked past its timeout or its disk full. Files are still scanned and delivered; their claims wait for their records (`store.write_failed`), `/readyz` fails `verdict_store`, `watcher_verdict_store_up` is 0, webhooks wait",
+        alerted=True,
+    ),
     "store.write_failed": Event(
         "ERROR",
         "the verdict store refused a write: the files' claims wait",

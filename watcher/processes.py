@@ -109,7 +109,7 @@ class ScanProcesses:
     def __init__(self, settings: Settings, count: int, publish: Callable[[Result], None]) -> None:
         # The scan processes get the very settings we run with (not the environment again:
         # an embedding caller may have built them otherwise).
-        self._settings_json = settings.model_dump_json()
+        self._settings_json = settings.dump_for_child()
         self.count = count
         self._publish = publish
         self._children = [_Child(i) for i in range(1, count)]

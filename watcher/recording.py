@@ -82,6 +82,8 @@ class Recorder:
     def open(self) -> None:
         if self.store is not None:
             self.store.open()
+            if self.listeners:  # other replicas' records wake this one's waiters too
+                self.store.subscribe(lambda record: self._notify([record]))
 
     def close(self) -> None:
         if self.store is not None:
@@ -193,7 +195,12 @@ class Recorder:
 
 def recorder_from_settings(settings: Settings) -> Recorder:
     store: VerdictStore | None = None
-    if settings.verdict_store == "sqlite":
+    url = settings.database_conninfo()
+    if url is not None:  # replicas share it (watcher/store/postgres.py)
+        from watcher.store.postgres import PostgresStore  # psycopg only where it is used
+
+        store = PostgresStore(url, settings.database_timeout_s)
+    elif settings.verdict_store == "sqlite":
         store = SqliteStore(settings.state_dir / STORE_FILE)
     wanted = frozenset(settings.webhook_verdicts)
     targets = [(target_id(url), wanted) for url in settings.webhook_url]

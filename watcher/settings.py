@@ -210,6 +210,11 @@ class Settings(BaseSettings):
     verdict_store: Literal["sqlite", "off"] = "sqlite"  # <state_dir>/verdicts.sqlite3
     verdict_retention: LongSeconds = 90 * 86400.0
     verdict_max_records: int = Field(10_000_000, ge=1000, le=1_000_000_000)
+    # A PostgreSQL verdict store shared by replicas (watcher/store/postgres.py) instead of
+    # SQLite: postgresql://user:password@host:port/db?sslmode=... A secret (its password).
+    database_url: SecretStr | None = None
+    database_url_file: Path | None = None
+    database_timeout_s: Seconds = Field(10.0, le=300)  # connect, and each statement
     webhook_url: Annotated[tuple[str, ...], NoDecode] = ()  # one or more http(s) URLs
     webhook_secret: SecretStr | None = None
     webhook_secret_file: Path | None = None
@@ -241,6 +246,55 @@ class Settings(BaseSettings):
         if unknown:
             raise ValueError(f"unknown verdicts {sorted(unknown)}: use {', '.join(VERDICT_WORDS)}")
         return value
+
+    @field_validator("database_url", "database_url_file", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value  # an env var emptied by an override: SQLite
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            check_database_url(value.get_secret_value())
+        return value
+
+    @model_validator(mode="after")
+    def _check_database(self) -> Settings:
+        if self.database_url is not None and self.database_url_file is not None:
+            raise ValueError("set WATCHER_DATABASE_URL or WATCHER_DATABASE_URL_FILE, not both")
+        if self.verdict_store == "off" and self.database_url_set:
+            raise ValueError("WATCHER_DATABASE_URL is the verdict store: not with it off")
+        return self
+
+    @property
+    def database_url_set(self) -> bool:
+        return self.database_url is not None or self.database_url_file is not None
+
+    def database_conninfo(self) -> str | None:
+        """The PostgreSQL URL (read from its file at each start), or None: SQLite."""
+        if self.database_url is not None:
+            return self.database_url.get_secret_value()
+        if self.database_url_file is None:
+            return None
+        try:
+            url = self.database_url_file.read_text().strip()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"WATCHER_DATABASE_URL_FILE: cannot read it: {err}") from err
+        try:
+            check_database_url(url)
+        except ValueError as err:
+            raise ConfigError(f"WATCHER_DATABASE_URL_FILE: {err}") from err
+        return url
+
+    def dump_for_child(self) -> str:
+        """The settings as JSON for a scan process, secrets included (a plain dump shows
+        them as ``**********``); it reaches the child through its environment only."""
+        data = json.loads(self.model_dump_json())
+        for name in ("database_url", "webhook_secret"):
+            value = getattr(self, name)
+            data[name] = None if value is None else value.get_secret_value()
+        return json.dumps(data)
 
     @model_validator(mode="after")
     def _check_webhooks(self) -> Settings:
@@ -285,6 +339,13 @@ def _split(value: Any) -> Any:
             return json.loads(value)
         return tuple(p.strip() for p in value.split(",") if p.strip())
     return value
+
+
+def check_database_url(url: str) -> None:
+    """A postgresql:// URL; the message never quotes it (it holds a password)."""
+    scheme = url.partition("://")[0].lower() if "://" in url else ""
+    if scheme not in ("postgresql", "postgres"):
+        raise ValueError("not a postgresql:// URL (the value is not shown: it may hold a password)")
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -7,6 +7,7 @@
 - `harness.files`: where files ended (processed, quarantine records, staging) and files planted.
 - `harness.http_client`: real HTTP requests to the API, raw sockets and a slowloris.
 - `harness.mirror`: a signature mirror on 127.0.0.1 and a freshclam for it.
+- `harness.postgres`: `Postgres`, a real PostgreSQL (Debian's) on a private unix socket.
 - `harness.proc`: CPU and memory of a process, from /proc.
 
 bench/ imports it through bench/benchlib.py, the one place that puts tests/ on its sys.path (the

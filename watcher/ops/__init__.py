@@ -112,7 +112,7 @@ class Operations:
         return liveness(self.daemon)
 
     def readyz(self) -> tuple[bool, dict[str, Any]]:
-        return readiness(self.daemon, self.settings)
+        return readiness(self.daemon, self.settings, self.verdicts.store)
 
     def render_metrics(self) -> bytes:
         return self.metrics.render()

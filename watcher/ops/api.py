@@ -21,6 +21,7 @@ from urllib.parse import parse_qs, unquote_to_bytes
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from watcher.errors import StoreUnavailable
 from watcher.ops.verdicts import FileStatus
 
 FILES_PREFIX = b"/v1/files/"
@@ -96,7 +97,9 @@ def route(backend: Backend, method: bytes, target: bytes) -> Answer | Call | Hol
         if not SHA256.match(digest):
             return error_answer(HTTPStatus.BAD_REQUEST, "not a sha256: 64 hex digits")
         sha256 = digest.decode()
-        return Call(lambda: json_answer(HTTPStatus.OK, backend.by_content(sha256)))
+        return Call(
+            _unless_store_down(lambda: json_answer(HTTPStatus.OK, backend.by_content(sha256)))
+        )
     if path == b"/healthz":  # answered right here: liveness never queues behind the pool
         return _health(*backend.healthz())
     if path == b"/readyz":
@@ -114,12 +117,31 @@ def _file_route(backend: Backend, rel: str, query: bytes) -> Call | Hold:
     wait_s = parse_wait(query.decode("latin-1"), backend.max_wait_s)
 
     def check(final: bool) -> Answer | None:
-        status = backend.file_status(rel)
+        try:
+            status = backend.file_status(rel)
+        except StoreUnavailable:
+            return store_down() if final else None  # it may be back before the deadline
         return json_answer(HTTPStatus.OK, status.to_json()) if status.final or final else None
 
     if wait_s <= 0:
-        return Call(lambda: json_answer(HTTPStatus.OK, backend.file_status(rel).to_json()))
+        answer = _unless_store_down(lambda: json_answer(200, backend.file_status(rel).to_json()))
+        return Call(answer)
     return Hold(check, lambda wake: backend.watch(rel, wake), wait_s)
+
+
+def store_down() -> Answer:
+    """The verdict store (a database) cannot be read now: ask again, nothing is lost."""
+    return error_answer(503, "the verdict store is unavailable; ask again", ("Retry-After", "5"))
+
+
+def _unless_store_down(run: Callable[[], Answer]) -> Callable[[], Answer]:
+    def guarded() -> Answer:
+        try:
+            return run()
+        except StoreUnavailable:
+            return store_down()
+
+    return guarded
 
 
 def parse_file_path(raw: bytes) -> str:

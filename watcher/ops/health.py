@@ -4,8 +4,9 @@
 - readiness: clamd answers PING and answered its canaries right (watcher/canaries.py; with a
   pool of endpoints, at least one does, and the body lists each endpoint's state),
   definitions are not stale, the uploads, processed and quarantine directories are writable,
-  and no destination refuses deliveries. A failed PING also tells the daemon clamd is down, so
-  workers pause and `clamd.down` is logged even while no file arrives.
+  no destination refuses deliveries, and the verdict store takes writes (a database that is
+  down: files are still delivered, their records wait). A failed PING also tells the daemon
+  clamd is down, so workers pause and `clamd.down` is logged even while no file arrives.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 from watcher.ops.state import DaemonState
 from watcher.settings import Settings
+from watcher.store import VerdictStore
 
 
 def liveness(daemon: DaemonState) -> tuple[bool, dict[str, Any]]:
@@ -23,7 +25,9 @@ def liveness(daemon: DaemonState) -> tuple[bool, dict[str, Any]]:
     return alive, {"alive": alive, "intake_alive": daemon.intake_alive()}
 
 
-def readiness(daemon: DaemonState, s: Settings) -> tuple[bool, dict[str, Any]]:
+def readiness(
+    daemon: DaemonState, s: Settings, store: VerdictStore | None = None
+) -> tuple[bool, dict[str, Any]]:
     """Every check by name, ``"ok"`` or the reason it fails; `failing` lists the failures."""
     checks: dict[str, str | None] = {
         "daemon": None if daemon.alive() else "a daemon loop has stopped (see /healthz)",
@@ -34,6 +38,7 @@ def readiness(daemon: DaemonState, s: Settings) -> tuple[bool, dict[str, Any]]:
         "processed_dir": writable(s.processed_dir),
         "quarantine_dir": writable(s.quarantine_dir),
         "delivery": delivery_problem(daemon.failing_destinations()),
+        "verdict_store": store_problem(store),
     }
     failing = [name for name, problem in checks.items() if problem is not None]
     body: dict[str, Any] = {
@@ -47,6 +52,11 @@ def readiness(daemon: DaemonState, s: Settings) -> tuple[bool, dict[str, Any]]:
             e.endpoint: e.state + (f": {e.problem}" if e.problem else "") for e in endpoints
         }
     return not failing, body
+
+
+def store_problem(store: VerdictStore | None) -> str | None:
+    problem = store.problem() if store is not None else None
+    return None if problem is None else f"the verdict store is unavailable: {problem}"
 
 
 def delivery_problem(failing: dict[str, str]) -> str | None:

@@ -159,6 +159,11 @@ class _DaemonCollector(Collector):
     def _outbox(self) -> Iterator[Metric]:
         if self._store is None:
             return
+        yield _gauge(
+            "watcher_verdict_store_up",
+            "1 if the verdict store took its last write (0: a database down; claims wait).",
+            0 if self._store.problem() else 1,
+        )
         try:
             waiting, dead = self._store.outbox_counts()
         except Exception:  # the store is busy or gone: the gauges wait for the next scrape

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 from watcher.claims import claim_data, journal_segments, parse_journal
+from watcher.errors import StoreUnavailable
 from watcher.fsops import relative_to
 from watcher.pipeline import Result, _refusal
 from watcher.store import VerdictRecord, VerdictStore
@@ -177,7 +178,12 @@ class Verdicts:
             return FileStatus(rel, "pending", location=f"uploads/{rel}")
         with self._lock:
             recorded_at, known = self._known.get(rel, (0.0, None))
-        stored = self.store.by_path(rel) if self.store is not None else None
+        try:
+            stored = self.store.by_path(rel) if self.store is not None else None
+        except StoreUnavailable:  # a database down: what this daemon knows, else ask again
+            if known is None:
+                raise
+            stored = None
         if stored is not None and stored.changed_at > recorded_at:
             recorded_at, known = stored.changed_at, FileStatus.of(stored)
         # Claimed after the verdict we hold: a new upload under the same name, being scanned.

@@ -33,6 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 from urllib.parse import SplitResult, urlsplit
 
 from watcher import __version__
+from watcher.errors import StoreUnavailable
 from watcher.logs import emit
 from watcher.store import OutboxEvent, VerdictRecord, VerdictStore, target_id
 
@@ -120,12 +121,15 @@ class WebhookSender:
             self._wake.clear()
             wait_s = IDLE_WAIT_S  # while another daemon on the same store is the sender
             try:
-                locked = locked or self.store.lock_sender()
+                # Asked each round: a database's lock may have gone with its session.
+                locked = self.store.lock_sender()
                 if locked:
                     for target in self.urls:
                         self._send_due(target)
                     wait_s = self._wait_s()
-            except Exception:  # the store is busy or failing: never die, try again soon
+            except StoreUnavailable:  # logged by the store, once per outage
+                pass
+            except Exception:  # the store is failing otherwise: never die, try again soon
                 emit("webhook.error", exception=True)
             self._wake.wait(wait_s)
         for conn in self._conns.values():

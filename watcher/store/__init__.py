@@ -6,18 +6,18 @@ records they announce, so an event is never lost nor made for a verdict that was
 
 `VerdictStore` is the narrow interface the daemon, the API, the jobs and the webhook sender
 use; `SqliteStore` (watcher/store/sqlite.py, stdlib sqlite3 in WAL mode, in
-WATCHER_STATE_DIR) is the embedded one. Its SQL is plain enough for another database to run
-(`INSERT ... ON CONFLICT`, no SQLite-only functions): only the connection and the DDL's types
-differ. What is durable when (watcher/recording.py): a delivered file's staging claim is
-dropped only after its record is committed, so a SIGKILL at any moment leaves either the
-record or a claim whose journal holds the verdict, which the next start records.
+WATCHER_STATE_DIR) is the embedded one, `PostgresStore` (watcher/store/postgres.py, selected
+by WATCHER_DATABASE_URL) the one replicas share. Their SQL is the same but for placeholders
+and the DDL's types. What is durable when (watcher/recording.py): a delivered file's staging
+claim is dropped only after its record is committed, so a SIGKILL at any moment leaves
+either the record or a claim whose journal holds the verdict, which the next start records.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -101,6 +101,12 @@ class VerdictStore(Protocol):
 
     def open(self) -> None: ...
     def close(self) -> None: ...
+    def problem(self) -> str | None:
+        """None while the store takes writes; else why the last one failed (readiness)."""
+
+    def subscribe(self, callback: Callable[[VerdictRecord], None]) -> None:
+        """Records other processes commit are handed to `callback` where the backend can
+        tell (PostgreSQL: LISTEN/NOTIFY); a no-op where it cannot (SQLite)."""
 
     def record(
         self, records: Sequence[VerdictRecord], events: Sequence[tuple[str, str, str]] = ()
@@ -148,6 +154,21 @@ class VerdictStore(Protocol):
 
     def outbox_counts(self) -> tuple[int, int]:
         """(events waiting, dead letters)."""
+
+
+def merge_late(delivered: VerdictRecord | None, late: VerdictRecord) -> VerdictRecord:
+    """The delivered file's record after the rescan found it infected (`mark_late`): its
+    verdict, signature, definitions, location and late time are the late detection's."""
+    if delivered is None:
+        return late
+    return replace(
+        delivered,
+        verdict=late.verdict,
+        signature=late.signature,
+        definitions=late.definitions,
+        location=late.location,
+        late_at=late.late_at,
+    )
 
 
 def target_id(url: str) -> str:

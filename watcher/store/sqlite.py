@@ -16,13 +16,14 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from watcher.errors import StoreUnavailable
-from watcher.store import OutboxEvent, VerdictRecord
+from watcher.store import OutboxEvent, VerdictRecord, merge_late
+from watcher.store.health import StoreHealth
 
 BUSY_TIMEOUT_MS = 10_000
 _WRONG_DATA = (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.ProgrammingError)
@@ -87,6 +88,7 @@ class SqliteStore:
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._sender_lock_fd = -1
+        self.health = StoreHealth("sqlite")
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -140,7 +142,15 @@ class SqliteStore:
                 if isinstance(err, _WRONG_DATA):
                     raise
                 # Locked, full, an I/O error, a damaged file: worth another try (or a restore).
+                self.health.failed(str(err))
                 raise StoreUnavailable(f"verdict store: {err}") from err
+        self.health.succeeded()
+
+    def problem(self) -> str | None:
+        return self.health.problem()
+
+    def subscribe(self, callback: Callable[[VerdictRecord], None]) -> None:
+        """Nothing to do: daemons sharing the file find each other's records at lookup."""
 
     def _reader(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -196,20 +206,7 @@ class SqliteStore:
                 "AND (sha256 = ? OR ? IS NULL) ORDER BY decided_at DESC LIMIT 1",
                 (os.fsencode(path), os.fsencode(location), sha256, sha256),
             ).fetchone()
-            if row is None:
-                merged = update
-            else:
-                old = _record(row)
-                merged = VerdictRecord(
-                    **{
-                        **old.to_json(),
-                        "verdict": update.verdict,
-                        "signature": update.signature,
-                        "definitions": update.definitions,
-                        "location": update.location,
-                        "late_at": update.late_at,
-                    }
-                )
+            merged = merge_late(None if row is None else _record(row), update)
             conn.execute(_UPSERT, _row(merged))
         return merged
 

@@ -86,6 +86,12 @@ bench: install
 bench-http: install
 	$(BIN)/python bench/http_bench.py $(HTTP_BENCH_ARGS)
 
+# Daemon CPU per file, this checkout against another revision, alternating on one clamd
+# (several minutes). E.g. make bench-ab AB_ARGS="--compare main --rounds 6" (or --together).
+.PHONY: bench-ab
+bench-ab: install
+	$(BIN)/python bench/code_ab.py $(AB_ARGS)
+
 # Fault injection under load, then proof that nothing was lost (root; about 6 minutes; not part
 # of `make test`). docs/soak.md; bench/soak/. E.g. make soak SOAK_ARGS="--seed 42 --minutes 10".
 .PHONY: soak

@@ -8,6 +8,7 @@ use (tests/harness). The harness is test code, so it is neither installed nor in
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -57,7 +58,9 @@ class Watcher(DaemonProcess):
         dirs = {"uploads": self.uploads, "processed": self.processed}
         dirs |= {"quarantine": self.quarantine, "state": base / state}
         settings = {"WATCHER_LOG_LEVEL": "INFO", "WATCHER_HTTP_ADDR": "127.0.0.1:0", **env}
-        super().__init__(daemon_env(dirs, clamd, **settings), keep=_file_event)
+        # cwd: `python -m` looks in the working directory before PYTHONPATH, so a bench run
+        # from a checkout would run that checkout's code whatever PYTHONPATH names.
+        super().__init__(daemon_env(dirs, clamd, **settings), keep=_file_event, cwd=base)
         self.start(timeout_s=60)
 
     @property
@@ -76,6 +79,15 @@ class Watcher(DaemonProcess):
 
     def stop(self) -> None:
         self.terminate(timeout_s=60)
+
+
+def export(rev: str, into: Path) -> Path:
+    """`rev` of this repository, as files (no worktree: nothing to clean up in git)."""
+    into.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], capture_output=True)
+    archive.check_returncode()
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into
 
 
 def move_all(source: Path, target: Path) -> float:

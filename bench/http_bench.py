@@ -24,7 +24,6 @@ import selectors
 import shutil
 import socket
 import statistics
-import subprocess
 import tempfile
 import threading
 import time
@@ -33,7 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from benchlib import RESULTS, ROOT, Watcher, bench_clamd, move_all, small_files
+from benchlib import RESULTS, ROOT, Watcher, bench_clamd, export, move_all, small_files
 from harness.clamd import Clamd
 from harness.http_client import Slowloris
 from harness.net import free_port
@@ -197,15 +196,6 @@ def one_run(source: Path, clamd: Clamd, base: Path, args: argparse.Namespace) ->
     finally:
         daemon.stop()
     return result
-
-
-def export(rev: str, into: Path) -> Path:
-    """`rev` of this repository, as files (no worktree: nothing to clean up in git)."""
-    into.mkdir(parents=True)
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], capture_output=True)
-    archive.check_returncode()
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
-    return into
 
 
 def main() -> int:

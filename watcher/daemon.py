@@ -33,7 +33,7 @@ from watcher.errors import ClamdUnavailable
 from watcher.intake import Intake
 from watcher.leases import LeaseKeeper, renew_interval_s
 from watcher.logs import emit
-from watcher.pipeline import Pipeline, PipelineConfig, Result, RetryCause
+from watcher.pipeline import Pipeline, PipelineConfig, Result, RetryCause, ScanSlots
 from watcher.recording import recorder_from_settings
 from watcher.settings import Settings, check_disjoint
 from watcher.verdict import Outcome
@@ -311,7 +311,7 @@ class Daemon:
             self.queue.offer(claim, force=True)
         # `workers` scans in flight at most; twice as many threads, so that while some move
         # files or wait for an fsync, clamd still has a request for each of its threads.
-        self.pipeline.scan_slots = threading.BoundedSemaphore(workers)
+        self.pipeline.scan_slots = ScanSlots(workers)
         for n in range(2 * workers):
             thread = threading.Thread(target=self._work, name=f"watcher-worker-{n}", daemon=True)
             thread.start()

@@ -12,8 +12,8 @@ import contextlib
 import enum
 import errno
 import os
+import queue
 import stat
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -124,7 +124,7 @@ class Pipeline:
         self.staging = staging
         self.deliverer = deliverer
         self._rejections = RejectionLog()
-        self.scan_slots = threading.BoundedSemaphore(4)  # the daemon sets clamd's MaxThreads
+        self.scan_slots = ScanSlots(4)  # the daemon sets clamd's MaxThreads
         self._clamd_version: str | None = None
 
     # -- entry points -------------------------------------------------------------------
@@ -496,6 +496,26 @@ class Pipeline:
             except ClamdUnavailable:
                 return None
         return self._clamd_version
+
+
+class ScanSlots:
+    """At most `count` holders at a time (`with slots:`), for scans in flight.
+
+    A queue of tokens rather than threading.BoundedSemaphore: that one is Python code over a
+    Condition, run twice per file by every worker (a lock made for each wait, a notify walking
+    the waiters); SimpleQueue's get and put are C, and a waiting get sleeps on one lock.
+    """
+
+    def __init__(self, count: int) -> None:
+        self._tokens: queue.SimpleQueue[None] = queue.SimpleQueue()
+        for _ in range(count):
+            self._tokens.put(None)
+
+    def __enter__(self) -> None:
+        self._tokens.get()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._tokens.put(None)
 
 
 def _refusal(st: os.stat_result) -> str | None:

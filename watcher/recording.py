@@ -156,9 +156,10 @@ class Recorder:
 
     def _record_of(self, claim: Claim) -> VerdictRecord:
         assert claim.verdict is not None
-        record = VerdictRecord.from_json(claim.verdict)
         location = location_of(claim.dest, self.processed_dir, self.quarantine_dir)
-        return record.with_location(location or record.location)
+        # One construction: from_json then with_location (dataclasses.replace) made two.
+        note = claim.verdict if location is None else {**claim.verdict, "location": location}
+        return VerdictRecord.from_json(note)
 
     def _commit(
         self,

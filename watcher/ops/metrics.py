@@ -45,16 +45,15 @@ class Metrics:
         self.files = Counter(
             "watcher_files", "Files by final verdict.", ["verdict"], registry=self.registry
         )
-        for verdict in VERDICT_WORDS:
-            self.files.labels(verdict)
+        # Children bound once: `labels()` takes a lock and builds a key on every call.
+        self._files_by_verdict = {verdict: self.files.labels(verdict) for verdict in VERDICT_WORDS}
         self.unscannable = Counter(
             "watcher_unscannable",
             "Unscannable files (quarantined or held) by cause.",
             ["cause"],
             registry=self.registry,
         )
-        for cause in CAUSES:
-            self.unscannable.labels(cause)
+        self._unscannable_by_cause = {cause: self.unscannable.labels(cause) for cause in CAUSES}
         self.scan_duration = Histogram(
             "watcher_scan_duration_seconds",
             "Time from claim to delivery of a scanned file (scan, checks, move).",
@@ -86,9 +85,10 @@ class Metrics:
         word = result.outcome.verdict_word
         if word is None or result.fields.get("repeat"):
             return
-        self.files.labels(word).inc()
+        (self._files_by_verdict.get(word) or self.files.labels(word)).inc()
         if result.cause is not None:
-            self.unscannable.labels(result.cause).inc()
+            cause = result.cause
+            (self._unscannable_by_cause.get(cause) or self.unscannable.labels(cause)).inc()
         if result.outcome.scanned:
             self.scan_duration.observe(result.duration_ms / 1000)
 

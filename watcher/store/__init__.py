@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -44,12 +44,13 @@ class VerdictRecord:
     late_at: float | None = None  # when the rescan found it infected after delivery
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        # Not dataclasses.asdict: its deep copy of every value is most of a note's cost,
+        # and every field here is a str, a number or None.
+        return {name: getattr(self, name) for name in _RECORD_FIELDS}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> VerdictRecord:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return cls(**{k: v for k, v in data.items() if k in _RECORD_FIELDS})
 
     def with_location(self, location: str | None) -> VerdictRecord:
         return replace(self, location=location)
@@ -77,6 +78,9 @@ class VerdictRecord:
             "allowlisted": self.verdict == "allowlisted",
             "detected_late_at": iso(self.late_at) if self.late_at else None,
         }
+
+
+_RECORD_FIELDS = tuple(f.name for f in fields(VerdictRecord))
 
 
 @dataclass(frozen=True, slots=True)

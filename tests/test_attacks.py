@@ -86,7 +86,8 @@ def outcome(proc: subprocess.Popen[str]) -> dict[str, Any]:
 
 def verdict(daemon: DaemonProcess, rel: str) -> Any:
     (listening,) = daemon.events.wait_for("http.listening")
-    return get((listening["host"], listening["port"]), f"/v1/files/{rel}").json()
+    # ?wait: the file.clean line is written just before the lookup learns the verdict
+    return get((listening["host"], listening["port"]), f"/v1/files/{rel}?wait=5").json()
 
 
 def test_a_writer_reopening_the_upload_cannot_change_it_once_delivered(

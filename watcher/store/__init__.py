@@ -189,3 +189,36 @@ def location_of(dest: str | os.PathLike[str] | None, processed: str, quarantine:
         if dest.startswith(root.rstrip(os.sep) + os.sep):
             return f"{name}/{dest[len(root.rstrip(os.sep)) + 1 :]}"
     return None
+
+
+# -- the records' columns, shared by the SQLite and PostgreSQL stores ------------------------
+
+COLUMNS = (
+    "id, path, verdict, decided_at, sha256, size, signature, reason, cause, definitions, "
+    "claimed_at, location, late_at"
+)
+
+
+def to_row(r: VerdictRecord) -> tuple[Any, ...]:
+    """Paths (and locations, which hold them) as bytes; other text escaped where it holds
+    something UTF-8 cannot (a name's undecodable bytes, quoted in a reason)."""
+    location = None if r.location is None else os.fsencode(r.location)
+    return (
+        _text(r.id), os.fsencode(r.path), _text(r.verdict), r.decided_at, _text(r.sha256),
+        r.size, _text(r.signature), _text(r.reason), _text(r.cause), _text(r.definitions),
+        r.claimed_at, location, r.late_at,
+    )  # fmt: skip
+
+
+def from_row(row: tuple[Any, ...]) -> VerdictRecord:
+    values = list(row)
+    values[1] = os.fsdecode(bytes(values[1]))
+    if values[11] is not None:
+        values[11] = os.fsdecode(bytes(values[11]))
+    return VerdictRecord(*values)
+
+
+def _text(value: str | None) -> str | None:
+    if value is None or value.isascii():
+        return value
+    return value.encode("utf-8", "backslashreplace").decode("utf-8")

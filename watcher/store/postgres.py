@@ -53,9 +53,8 @@ from psycopg.conninfo import conninfo_to_dict
 
 from watcher.errors import ConfigError, StoreUnavailable
 from watcher.logs import emit
-from watcher.store import OutboxEvent, VerdictRecord, merge_late
+from watcher.store import COLUMNS, OutboxEvent, VerdictRecord, from_row, merge_late, to_row
 from watcher.store.health import StoreHealth
-from watcher.store.sqlite import _now, _record, _row
 
 SCHEMA_VERSION = 1
 POOL_SIZE = 6  # the committer, the webhook sender, the jobs, the HTTP pool's lookups
@@ -67,10 +66,6 @@ CHANNEL = "watcher_verdicts"  # NOTIFY'd with each committed record's id
 LISTEN_TICK_S = 1.0  # how soon the listener sees that the store is closing
 LISTEN_BATCH = 500
 _WRONG_DATA = (psycopg.DataError, psycopg.IntegrityError, psycopg.ProgrammingError)
-_COLUMNS = (
-    "id, path, verdict, decided_at, sha256, size, signature, reason, cause, definitions, "
-    "claimed_at, location, late_at"
-)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS watcher_schema (version INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS watcher_verdicts (
@@ -203,10 +198,10 @@ class PostgresStore:
     def _by_ids(self, ids: list[str]) -> list[VerdictRecord]:
         with self._connection() as conn:
             rows = conn.execute(
-                f"SELECT {_COLUMNS} FROM watcher_verdicts WHERE id = ANY(%s)",  # noqa: S608
+                f"SELECT {COLUMNS} FROM watcher_verdicts WHERE id = ANY(%s)",  # noqa: S608
                 (ids,),
             ).fetchall()
-        return [_record(row) for row in rows]
+        return [from_row(row) for row in rows]
 
     # -- connections --------------------------------------------------------------------
 
@@ -323,45 +318,45 @@ class PostgresStore:
     ) -> None:
         if not records and not events:
             return
-        now = _now()
+        now = time.time()
         with self._connection(write=True) as conn, conn.transaction(), conn.cursor() as cur:
             if records:
-                cur.executemany(_UPSERT, [_row(r) for r in records])
-                cur.execute(_NOTIFY, (CHANNEL, [_row(r)[0] for r in records]))
+                cur.executemany(_UPSERT, [to_row(r) for r in records])
+                cur.execute(_NOTIFY, (CHANNEL, [to_row(r)[0] for r in records]))
             if events:
                 cur.executemany(_ENQUEUE, [(k, t, b, now, now) for k, t, b in events])
 
     def by_path(self, path: str) -> VerdictRecord | None:
         with self._connection() as conn:
             row = conn.execute(
-                f"SELECT {_COLUMNS} FROM watcher_verdicts WHERE path = %s "  # noqa: S608
+                f"SELECT {COLUMNS} FROM watcher_verdicts WHERE path = %s "  # noqa: S608
                 "ORDER BY decided_at DESC LIMIT 1",
                 (os.fsencode(path),),
             ).fetchone()
-        return None if row is None else _record(row)
+        return None if row is None else from_row(row)
 
     def by_sha256(self, sha256: str, limit: int = 100) -> list[VerdictRecord]:
         with self._connection() as conn:
             rows = conn.execute(
-                f"SELECT {_COLUMNS} FROM watcher_verdicts WHERE sha256 = %s "  # noqa: S608
+                f"SELECT {COLUMNS} FROM watcher_verdicts WHERE sha256 = %s "  # noqa: S608
                 "ORDER BY decided_at DESC LIMIT %s",
                 (sha256, limit),
             ).fetchall()
-        return [_record(row) for row in rows]
+        return [from_row(row) for row in rows]
 
     def mark_late(
         self, path: str, location: str, sha256: str | None, update: VerdictRecord
     ) -> VerdictRecord:
         with self._connection(write=True) as conn, conn.transaction():
             row = conn.execute(
-                f"SELECT {_COLUMNS} FROM watcher_verdicts WHERE path = %s "  # noqa: S608
+                f"SELECT {COLUMNS} FROM watcher_verdicts WHERE path = %s "  # noqa: S608
                 "AND location = %s AND (sha256 = %s OR %s::text IS NULL) "
                 "ORDER BY decided_at DESC LIMIT 1 FOR UPDATE",
                 (os.fsencode(path), os.fsencode(location), sha256, sha256),
             ).fetchone()
-            merged = merge_late(None if row is None else _record(row), update)
-            conn.execute(_UPSERT, _row(merged))
-            conn.execute(_NOTIFY, (CHANNEL, [_row(merged)[0]]))
+            merged = merge_late(None if row is None else from_row(row), update)
+            conn.execute(_UPSERT, to_row(merged))
+            conn.execute(_NOTIFY, (CHANNEL, [to_row(merged)[0]]))
         return merged
 
     def prune(self, older_than: float, max_records: int) -> int:

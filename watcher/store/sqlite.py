@@ -19,18 +19,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 from watcher.errors import StoreUnavailable
-from watcher.store import OutboxEvent, VerdictRecord, merge_late
+from watcher.store import COLUMNS, OutboxEvent, VerdictRecord, from_row, merge_late, to_row
 from watcher.store.health import StoreHealth
 
 BUSY_TIMEOUT_MS = 10_000
 _WRONG_DATA = (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.ProgrammingError)
-_COLUMNS = (
-    "id, path, verdict, decided_at, sha256, size, signature, reason, cause, definitions, "
-    "claimed_at, location, late_at"
-)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS verdicts (
     id TEXT PRIMARY KEY,
@@ -170,44 +165,44 @@ class SqliteStore:
             return
         now = _now()
         with self._write() as conn:
-            conn.executemany(_UPSERT, [_row(r) for r in records])
+            conn.executemany(_UPSERT, [to_row(r) for r in records])
             conn.executemany(_ENQUEUE, [(k, t, b, now, now) for k, t, b in events])
 
     def by_path(self, path: str) -> VerdictRecord | None:
         row = (
             self._reader()
             .execute(
-                f"SELECT {_COLUMNS} FROM verdicts WHERE path = ? "  # noqa: S608 - constants
+                f"SELECT {COLUMNS} FROM verdicts WHERE path = ? "  # noqa: S608 - constants
                 "ORDER BY decided_at DESC LIMIT 1",
                 (os.fsencode(path),),
             )
             .fetchone()
         )
-        return None if row is None else _record(row)
+        return None if row is None else from_row(row)
 
     def by_sha256(self, sha256: str, limit: int = 100) -> list[VerdictRecord]:
         rows = (
             self._reader()
             .execute(
-                f"SELECT {_COLUMNS} FROM verdicts WHERE sha256 = ? "  # noqa: S608 - constants
+                f"SELECT {COLUMNS} FROM verdicts WHERE sha256 = ? "  # noqa: S608 - constants
                 "ORDER BY decided_at DESC LIMIT ?",
                 (sha256, limit),
             )
             .fetchall()
         )
-        return [_record(row) for row in rows]
+        return [from_row(row) for row in rows]
 
     def mark_late(
         self, path: str, location: str, sha256: str | None, update: VerdictRecord
     ) -> VerdictRecord:
         with self._write() as conn:
             row = conn.execute(
-                f"SELECT {_COLUMNS} FROM verdicts WHERE path = ? AND location = ? "  # noqa: S608
+                f"SELECT {COLUMNS} FROM verdicts WHERE path = ? AND location = ? "  # noqa: S608
                 "AND (sha256 = ? OR ? IS NULL) ORDER BY decided_at DESC LIMIT 1",
                 (os.fsencode(path), os.fsencode(location), sha256, sha256),
             ).fetchone()
-            merged = merge_late(None if row is None else _record(row), update)
-            conn.execute(_UPSERT, _row(merged))
+            merged = merge_late(None if row is None else from_row(row), update)
+            conn.execute(_UPSERT, to_row(merged))
         return merged
 
     def prune(self, older_than: float, max_records: int) -> int:
@@ -301,31 +296,6 @@ class SqliteStore:
             .fetchone()
         )
         return int(waiting), int(dead)
-
-
-def _row(r: VerdictRecord) -> tuple[Any, ...]:
-    """Paths (and locations, which hold them) as bytes; other text escaped where it holds
-    something UTF-8 cannot (a name's undecodable bytes, quoted in a reason)."""
-    location = None if r.location is None else os.fsencode(r.location)
-    return (
-        _text(r.id), os.fsencode(r.path), _text(r.verdict), r.decided_at, _text(r.sha256),
-        r.size, _text(r.signature), _text(r.reason), _text(r.cause), _text(r.definitions),
-        r.claimed_at, location, r.late_at,
-    )  # fmt: skip
-
-
-def _record(row: tuple[Any, ...]) -> VerdictRecord:
-    values = list(row)
-    values[1] = os.fsdecode(bytes(values[1]))
-    if values[11] is not None:
-        values[11] = os.fsdecode(bytes(values[11]))
-    return VerdictRecord(*values)
-
-
-def _text(value: str | None) -> str | None:
-    if value is None or value.isascii():
-        return value
-    return value.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _now() -> float:

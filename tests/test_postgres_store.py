@@ -318,6 +318,7 @@ def test_the_database_stopped_mid_stream_loses_nothing_and_is_taken_up_again(
         # At least once: an event sent just before the stop may not have been marked sent.
         wait_until(lambda: pushed(receiver) == set(files), 30, "every event")
         assert len(daemon.events.named("store.unavailable")) == 1  # once per outage
+        assert len(daemon.events.named("store.write_failed")) == 1  # not once per retry
     finally:
         stopped.set()
         writer.join(30)

@@ -284,6 +284,7 @@ class Committer:
 
     def _commit(self, batch: list[tuple[Claim, int]]) -> None:
         synced: dict[tuple[int, int], bool] = {}
+        store_was_failing = bool(self._unsettled)
         durable, self._unsettled = self._unsettled, []
         try:
             for claim, dir_fd in batch:
@@ -304,7 +305,8 @@ class Committer:
             try:
                 self._settle(durable)
             except Exception as err:  # no record, no drop: kept, and tried again
-                emit("store.write_failed", count=len(durable), reason=str(err))
+                if not store_was_failing:  # once until a write succeeds, not every second
+                    emit("store.write_failed", count=len(durable), reason=str(err))
                 self._unsettled = durable
                 return
         for claim in durable:

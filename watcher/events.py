@@ -402,7 +402,7 @@ CATALOG: dict[str, Event] = {
         "ERROR",
         "the verdict store refused a write: the files' claims wait",
         "count, reason, path (when one record could never be written)",
-        "records could not be written to the verdict store; the delivered files keep their claims (retried each second, or settled at the next start). With `path`: that one record cannot be stored at all (a bug: report it); its file is delivered without it",
+        "records could not be written to the verdict store; the delivered files keep their claims (retried each second, or settled at the next start; the committer logs this once until a write succeeds). With `path`: that one record cannot be stored at all (a bug: report it); its file is delivered without it",
     ),
     "staging.adopted": Event(
         "INFO",

@@ -255,3 +255,10 @@ def make_store(
     yield make
     for store in opened:
         store.close()
+
+
+@pytest.fixture
+def hosts_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Staging objects of a test stand for daemons on different hosts: none knows its
+    host, so none may trust a free flock at once (tests/test_leases.py has the same-host case)."""
+    monkeypatch.setattr("watcher.claims.host_identity", lambda: None)

@@ -53,6 +53,7 @@ def _recover_after_lease(staging: Staging, clock: Clock) -> list[Claim]:
 
 
 LEASE_S = 30.0
+pytestmark = pytest.mark.usefixtures("hosts_unknown")  # each Staging another host's daemon
 
 
 def test_recovery_redoes_claims_left_by_a_dead_daemon(tmp_path: Path) -> None:

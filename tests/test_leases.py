@@ -30,6 +30,7 @@ from watcher.service import Service
 
 LEASE_S = 30.0
 RENEW_S = renew_interval_s(LEASE_S)
+pytestmark = pytest.mark.usefixtures("hosts_unknown")  # but for the same-host test below
 
 
 class Clock:
@@ -88,6 +89,33 @@ def tick(clock: Clock, *alive: Staging) -> None:
     clock.now += RENEW_S
     for staging in alive:
         assert staging.renew_lease()
+
+
+def test_on_the_same_host_a_dead_daemons_claims_are_adopted_at_once_a_live_ones_never(
+    tmp_path: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restart after SIGKILL on one host (the usual case): one kernel keeps every lock, so
+    the free flock tells at once and the claims wait for no lease bound. A live daemon of
+    that host holds its flock: its claims stay its own, however long we look."""
+    monkeypatch.setattr("watcher.claims.host_identity", leases.host_identity)
+    assert leases.host_identity() is not None
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    live, dead = opened(uploads / ".watcher", clock), opened(uploads / ".watcher", clock)
+    kept = claim(live, uploads, "live.txt", b"live's")
+    lost = claim(dead, uploads, "dead.txt", b"dead's")
+    assert kept is not None and lost is not None
+    die(dead)
+
+    restarted = opened(uploads / ".watcher", clock)
+    adopted = restarted.recover()  # no time has passed: the lease bound was not waited for
+
+    assert [c.rel for c in adopted] == ["dead.txt"]
+    assert adopted[0].data.read_bytes() == b"dead's" and not dead.dir.exists()
+    for _ in range(3 * int(LEASE_S / RENEW_S)):
+        tick(clock, live, restarted)
+        assert restarted.recover() == []
+    assert kept.data.read_bytes() == b"live's" and live.lease.held()
 
 
 @pytest.mark.usefixtures("nolock")

@@ -43,7 +43,15 @@ from watcher.fsops import (
     split_rel,
     write_json_atomic,
 )
-from watcher.leases import LeaseWatch, OwnLease, read_stamp, take
+from watcher.leases import (
+    LeaseWatch,
+    OwnLease,
+    Stamp,
+    host_identity,
+    owner_host,
+    read_stamp,
+    take,
+)
 from watcher.logs import emit
 
 _DATA = ".data"
@@ -183,6 +191,7 @@ class Staging:
         self._lock_fd: int | None = None
         self.lease = OwnLease(lease_s, clock)
         self._leases = LeaseWatch(lease_s, clock)  # the other daemons' directories
+        self._host = host_identity()
         self._recovering = threading.Lock()
 
     def open(self) -> None:
@@ -334,7 +343,17 @@ class Staging:
         return sorted(names)
 
     def _lease_expired(self, name: str) -> bool:
-        return self._leases.expired(name, read_stamp(self.root_fd, name))
+        return self._dead_by_lease(name, read_stamp(self.root_fd, name))
+
+    def _dead_by_lease(self, name: str, stamp: Stamp) -> bool:
+        """Its lease expired, or its owner ran on this host (then the flock tells at once)."""
+        if self._leases.expired(name, stamp):
+            return True
+        return (
+            isinstance(stamp, tuple)
+            and self._host is not None
+            and owner_host(self.root_fd, name) == self._host
+        )
 
     def _recover(self) -> list[Claim]:
         claims: list[Claim] = []
@@ -342,7 +361,7 @@ class Staging:
             return claims  # we may be the one about to be adopted
         for name in self._others():
             stamp = read_stamp(self.root_fd, name)
-            if not self._leases.expired(name, stamp):
+            if not self._dead_by_lease(name, stamp):
                 continue
             lock_fd = self._lock_if_dead(name)
             if lock_fd is None:

@@ -408,7 +408,7 @@ CATALOG: dict[str, Event] = {
         "INFO",
         "took over a stopped daemon's claim",
         "path, id",
-        "a claim left by a stopped or dead daemon is taken over: once that daemon's lease has not moved for WATCHER_STAGING_LEASE_S (at once after a clean stop), and its flock is free",
+        "a claim left by a stopped or dead daemon is taken over: once that daemon's lease has not moved for WATCHER_STAGING_LEASE_S (at once after a clean stop, or when it ran on this same host), and its flock is free",
     ),
     "staging.lease_failed": Event(
         "ERROR",

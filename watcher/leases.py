@@ -12,6 +12,10 @@ daemon judges the owner dead only when:
 
 A daemon that stops with claims left renames its lease ``released``: adopted at once.
 
+The lease holds its owner's host (`host_identity`: the kernel's boot id and the host name).
+A daemon on that same host (a restart after a crash, the usual case) does not wait for the
+bound: one kernel keeps all its locks, so there the free flock alone means its owner is dead.
+
 Taking a lease is a rename of ``lease`` (or ``released``) to ``taken-<adopter>``: a rename
 succeeds once, so two daemons that judge one directory dead at once never both adopt it. After
 the rename the adopter checks the lease is still the one it saw go stale, and gives it back if
@@ -59,6 +63,31 @@ def renew_interval_s(lease_s: float) -> float:
     return lease_s / RENEWALS_PER_LEASE
 
 
+def host_identity() -> str | None:
+    """This kernel's boot and this host's name; None where unknown (never the same host).
+    Two containers on one node differ by name (their UTS namespaces): conservative."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", "rb") as f:
+            boot = f.read(64).strip().decode("ascii")
+    except (OSError, UnicodeDecodeError):
+        return None
+    return f"{boot} {os.uname().nodename}" if boot else None
+
+
+def owner_host(dir_fd: int, name: str) -> str | None:
+    """The host written into directory `name`'s lease by its owner; None if unknown."""
+    try:
+        fd = os.open(f"{name}/{LEASE}", _FLAGS, dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, 512).decode("utf-8", "replace") or None
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
 def _stamp_of(st: os.stat_result) -> tuple[int, int, int]:
     return st.st_ino, st.st_mtime_ns, st.st_ctime_ns
 
@@ -99,6 +128,9 @@ class OwnLease:
         """Before the directory gets its `d-*` name: it never appears without a lease."""
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         self._fd = os.open(LEASE, flags, 0o600, dir_fd=dir_fd)
+        host = host_identity()
+        if host is not None:
+            os.write(self._fd, host.encode())
         self._dir_fd = dir_fd
         self._renewed_at = self._clock()
 

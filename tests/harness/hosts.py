@@ -1,8 +1,8 @@
 """Hosts simulated on this machine: each a network and a mount namespace of its own (root only).
 
-A `Host` is a holder process in new namespaces (`unshare --net --mount`); every program of
-the host enters them (`nsenter`). Inside, `view` (the same path on every host, so every
-replica has the same configuration) is a tmpfs of the host's own:
+A `Host` is a holder process in new namespaces (`unshare --net --mount --uts`: a host name
+of its own); every program of the host enters them (`nsenter`). Inside, `view` (the same path
+on every host, so every replica has the same configuration) is a tmpfs of the host's own:
 
 - ``<view>/private``: the host's clamd socket and the daemon's state directory, which no
   other host can reach (a unix socket is found by path, in the host's own mounts);
@@ -60,7 +60,7 @@ class Host:
     @property
     def prefix(self) -> tuple[str, ...]:
         """A command under this prefix runs in the host (nsenter execs it: same pid)."""
-        return ("nsenter", f"--target={self.pid}", "--net", "--mount", "--")
+        return ("nsenter", f"--target={self.pid}", "--net", "--mount", "--uts", "--")
 
     @property
     def data(self) -> Path:
@@ -79,9 +79,20 @@ class Host:
     def start(self) -> Host:
         self.view.mkdir(parents=True, exist_ok=True)
         self._holder = subprocess.Popen(
-            ["unshare", "--net", "--mount", "--propagation", "private", "--", "sleep", "1d"]
+            [
+                "unshare",
+                "--net",
+                "--mount",
+                "--uts",
+                "--propagation",
+                "private",
+                "--",
+                "sleep",
+                "1d",
+            ]
         )
         self._wait_for_namespaces()
+        self.run("hostname", self.name)  # a host of its own: watcher's leases name their host
         self.run("ip", "link", "set", "lo", "up")
         self.run("mount", "-t", "tmpfs", "-o", "mode=0755", f"{self.name}-view", str(self.view))
         os.mkdir(self.reach(self.private), 0o700)

@@ -18,7 +18,7 @@ from harness.daemon import DaemonProcess
 from harness.events import Events, wait_until
 from harness.files import files_under, staged
 from harness.http_client import get
-from harness.mirror import SignatureServer, freshclam_command
+from harness.mirror import SignatureServer, freshclam_command, unique_marker
 from harness.receiver import Receiver
 from watcher.claims import Claim
 from watcher.recording import Recorder
@@ -119,9 +119,7 @@ def test_a_late_detection_updates_the_stored_verdict_and_tells_the_app(
     mirror: SignatureServer,
     tmp_path: Path,
 ) -> None:
-    marker = (
-        b"WATCHER-LATE-STORE-" + hashlib.sha256(str(tmp_path).encode()).hexdigest()[:12].encode()
-    )
+    marker = unique_marker()
     body = b"looks fine\n" + marker + b"\n"
     receiver = Receiver().start()
     command = freshclam_command(tmp_path / "freshclam.conf", own_clamd.db, mirror.url("new.ndb"))

@@ -199,6 +199,21 @@ COLUMNS = (
 )
 
 
+def upsert_sql(table: str, placeholder: str) -> str:
+    """The record's insert-or-replace, as both backends run it (`?` or `%s` placeholders).
+
+    >>> upsert_sql("t", "?").splitlines()[1]
+    'VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)'
+    """
+    names = [name.strip() for name in COLUMNS.split(",")]
+    values = ", ".join([placeholder] * len(names))
+    updates = ", ".join(f"{name} = excluded.{name}" for name in names[1:])
+    return (
+        f"INSERT INTO {table} ({COLUMNS})\nVALUES ({values})\n"
+        f"ON CONFLICT (id) DO UPDATE SET {updates}"
+    )
+
+
 def to_row(r: VerdictRecord) -> tuple[Any, ...]:
     """Paths (and locations, which hold them) as bytes; other text escaped where it holds
     something UTF-8 cannot (a name's undecodable bytes, quoted in a reason)."""

@@ -53,7 +53,15 @@ from psycopg.conninfo import conninfo_to_dict
 
 from watcher.errors import ConfigError, StoreUnavailable
 from watcher.logs import emit
-from watcher.store import COLUMNS, OutboxEvent, VerdictRecord, from_row, merge_late, to_row
+from watcher.store import (
+    COLUMNS,
+    OutboxEvent,
+    VerdictRecord,
+    from_row,
+    merge_late,
+    to_row,
+    upsert_sql,
+)
 from watcher.store.health import StoreHealth
 
 SCHEMA_VERSION = 1
@@ -100,16 +108,7 @@ CREATE TABLE IF NOT EXISTS watcher_outbox (
 );
 CREATE INDEX IF NOT EXISTS watcher_outbox_due ON watcher_outbox (target, dead_at, next_at);
 """
-_UPSERT = """
-INSERT INTO watcher_verdicts (id, path, verdict, decided_at, sha256, size, signature, reason,
-    cause, definitions, claimed_at, location, late_at)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
-ON CONFLICT (id) DO UPDATE SET
-    path = excluded.path, verdict = excluded.verdict, decided_at = excluded.decided_at,
-    sha256 = excluded.sha256, size = excluded.size, signature = excluded.signature,
-    reason = excluded.reason, cause = excluded.cause, definitions = excluded.definitions,
-    claimed_at = excluded.claimed_at, location = excluded.location, late_at = excluded.late_at
-"""
+_UPSERT = upsert_sql("watcher_verdicts", "%s")
 _ENQUEUE = """
 INSERT INTO watcher_outbox (key, target, body, created_at, next_at) VALUES (%s, %s, %s, %s, %s)
 ON CONFLICT (key, target) DO NOTHING

@@ -21,7 +21,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from watcher.errors import StoreUnavailable
-from watcher.store import COLUMNS, OutboxEvent, VerdictRecord, from_row, merge_late, to_row
+from watcher.store import (
+    COLUMNS,
+    OutboxEvent,
+    VerdictRecord,
+    from_row,
+    merge_late,
+    to_row,
+    upsert_sql,
+)
 from watcher.store.health import StoreHealth
 
 BUSY_TIMEOUT_MS = 10_000
@@ -59,15 +67,7 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (target, dead_at, next_at);
 """
-_UPSERT = """
-INSERT INTO verdicts (id, path, verdict, decided_at, sha256, size, signature, reason, cause,
-    definitions, claimed_at, location, late_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (id) DO UPDATE SET
-    path = excluded.path, verdict = excluded.verdict, decided_at = excluded.decided_at,
-    sha256 = excluded.sha256, size = excluded.size, signature = excluded.signature,
-    reason = excluded.reason, cause = excluded.cause, definitions = excluded.definitions,
-    claimed_at = excluded.claimed_at, location = excluded.location, late_at = excluded.late_at
-"""
+_UPSERT = upsert_sql("verdicts", "?")
 _ENQUEUE = """
 INSERT INTO outbox (key, target, body, created_at, next_at) VALUES (?, ?, ?, ?, ?)
 ON CONFLICT (key, target) DO NOTHING

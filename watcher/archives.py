@@ -607,11 +607,18 @@ class Inspector:
         )
 
 
-def inspector_from_settings(settings: Settings, scanner: object) -> Inspector | None:
-    """The daemon's and `watcher scan`'s inspector; None with WATCHER_ARCHIVE_INSPECTION=false.
+def _as_clamd_said(fd: int, verdict: Verdict) -> Verdict:
+    return verdict
+
+
+def look_inside_from_settings(
+    settings: Settings, scanner: object
+) -> Callable[[int, Verdict], Verdict]:
+    """What the daemon, the rescan and `watcher scan` call after clamd's verdict for an fd:
+    the inspector's check, or clamd's verdict as it is with WATCHER_ARCHIVE_INSPECTION=false.
     A scanner without `scan_stream` (a test's scripted one) gets a survey-only inspector."""
     if not settings.archive_inspection:
-        return None
+        return _as_clamd_said
     limits = ArchiveLimits(
         max_file_bytes=settings.archive_max_member_bytes,
         max_scan_bytes=settings.archive_max_scan_bytes,
@@ -621,4 +628,4 @@ def inspector_from_settings(settings: Settings, scanner: object) -> Inspector | 
         accept_encrypted=settings.accept_encrypted,
     )
     streams = cast(StreamScanner, scanner) if hasattr(scanner, "scan_stream") else None
-    return Inspector(limits, streams)
+    return Inspector(limits, streams).check

@@ -193,14 +193,11 @@ def _list(entries: list[Entry], as_json: bool) -> None:
 
 def _scan(settings: Settings, args: argparse.Namespace) -> int:
     """Report a verdict per file, like clamdscan; nothing is moved."""
-    from watcher.archives import inspector_from_settings
+    from watcher.archives import look_inside_from_settings
     from watcher.clamav import scanner_from_settings
 
     scanner = scanner_from_settings(settings)
-    inspector = inspector_from_settings(settings, scanner)  # what clamd cannot see: archives
-    look_inside: Callable[[int, Verdict], Verdict] = (
-        inspector.check if inspector else lambda fd, verdict: verdict
-    )
+    look_inside = look_inside_from_settings(settings, scanner)  # what clamd cannot see: archives
     worst = EXIT_CLEAN
     progress = sys.stderr.isatty()
     for n, path in enumerate(_files(args.paths), 1):

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from watcher.allowlist import Allowlist
-from watcher.archives import inspector_from_settings
+from watcher.archives import look_inside_from_settings
 from watcher.canaries import ClamdCheck
 from watcher.claims import Claim, Staging
 from watcher.clamav import ClamdScanner, Scanner, scanner_from_settings
@@ -225,7 +225,6 @@ class Daemon:
             settings.processed_dir, settings.quarantine_dir, self.staging, settle
         )
         self.allowlist = Allowlist(settings.state_dir / "allowlist")
-        self.inspector = inspector_from_settings(settings, self.scanner)
         self.pipeline = Pipeline(
             PipelineConfig(
                 uploads_dir=settings.uploads_dir,
@@ -240,7 +239,7 @@ class Daemon:
             self.staging,
             self.deliverer,
             allowlisted=self.allowlist.contains,
-            look_inside=self.inspector.check if self.inspector else lambda fd, verdict: verdict,
+            look_inside=look_inside_from_settings(settings, self.scanner),
         )
         self.destinations = DestinationHealth()
         processed, quarantine = str(settings.processed_dir), str(settings.quarantine_dir)

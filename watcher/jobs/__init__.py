@@ -29,7 +29,7 @@ from apscheduler.events import (
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
-from watcher.archives import inspector_from_settings
+from watcher.archives import look_inside_from_settings
 from watcher.clamav import Scanner
 from watcher.definitions import (
     DefinitionsState,
@@ -73,7 +73,6 @@ class Jobs:
         self.definitions = definitions
         self.stop = threading.Event()
         self.deliveries = DeliveryLog(s.state_dir, s.processed_dir)
-        inspector = inspector_from_settings(s, scanner)
         self.rescanner = Rescanner(
             scanner,
             self.deliveries,
@@ -82,7 +81,7 @@ class Jobs:
             self.stop,
             allowlisted,
             on_late=recorder.mark_late if recorder is not None else lambda record, location: None,
-            look_inside=inspector.check if inspector else lambda fd, verdict: verdict,
+            look_inside=look_inside_from_settings(s, scanner),
         )
         self.status = status or JobStatus()
         self.retention = Retention(s.quarantine_dir, s.quarantine_retention, s.quarantine_max_bytes)
